@@ -12,7 +12,8 @@ from PIL import Image
 from .data import to_rgb
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'denormalize', 'RandomBlur', 'MultiCrop', 'multicrop_collate', 'eval_transform']
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'denormalize', 'RandomBlur', 'MultiCrop', 'multicrop_collate', 'eval_transform',
+           'show_multicrop']
 
 # %% ../nbs/01_augment.ipynb #4d355cdf
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -48,7 +49,7 @@ class MultiCrop:
         gs = tuple(s * self.global_size / 224 for s in blur_sigma)
         ls = tuple(s * self.local_size / 96 for s in blur_sigma)
         self.global1 = v2.Compose(colour + [RandomBlur(1.0, gs)])
-        self.global2 = v2.Compose(colour + [RandomBlur(0.1, gs), v2.RandomSolarize(threshold=128, p=0.2)])
+        self.global2 = v2.Compose(colour + [RandomBlur(0.1, gs), v2.RandomSolarize(threshold=128 / 255, p=0.2)])
         self.local = v2.Compose(colour + [RandomBlur(0.5, ls)])
 
     @property
@@ -62,8 +63,9 @@ class MultiCrop:
         return x, (left, top, left + w, top + h), flip
 
     def _finish(self, x, tf):
+        x = F.to_dtype(x, torch.float32, scale=True)   # photometric ops on floats in [0, 1]: faster, no re-rounding
         if self.photometric: x = tf(x)
-        return F.normalize(F.to_dtype(x, torch.float32, scale=True), self.mean, self.std)
+        return F.normalize(x, self.mean, self.std)
 
     def __call__(self, img) -> dict:
         if isinstance(img, Image.Image): img = F.pil_to_tensor(to_rgb(img))
@@ -96,3 +98,29 @@ def eval_transform(size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD):
                        v2.Resize(int(size * 8 / 7), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
                        v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std)),
                        v2.ToPureTensor()])
+
+# %% ../nbs/01_augment.ipynb #a2d69988
+_COLOURS = ['#e41a1c', '#377eb8', '#4daf4a', '#984ea3', '#ff7f00', '#a65628', '#f781bf', '#999999', '#17becf', '#bcbd22']
+
+def show_multicrop(img, out: dict, object_box=None, titles=None, dpi: int = 70, size: float = 1.25):
+    "Source image with every crop box + the crops in a row; `object_box` (x0, y0, x1, y1) is drawn dashed black."
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+    n = len(out['crops'])
+    fig = plt.figure(figsize=(size * (n + 3), size * 2.2), dpi=dpi)
+    gs = fig.add_gridspec(2, n + 3)
+    ax = fig.add_subplot(gs[:, :3]); ax.imshow(img); ax.set_axis_off()
+    for k, (b, fl) in enumerate(zip(out['boxes'].tolist(), out['flips'].tolist())):
+        c = _COLOURS[k % len(_COLOURS)]
+        ax.add_patch(Rectangle((b[0] - .5, b[1] - .5), b[2] - b[0], b[3] - b[1], fill=False, ec=c, lw=3 if k < 2 else 1.5))
+        if fl: ax.plot([b[0]], [b[1]], 'o', color=c, ms=4)
+    if object_box is not None:
+        b = object_box
+        ax.add_patch(Rectangle((b[0] - .5, b[1] - .5), b[2] - b[0], b[3] - b[1], fill=False, ec='k', lw=2, ls='--'))
+    for k, c in enumerate(out['crops']):
+        a = fig.add_subplot(gs[0 if k < 2 else 1, 3 + (k if k < 2 else k - 2)])
+        a.imshow(denormalize(c).permute(1, 2, 0).numpy()); a.set_xticks([]); a.set_yticks([])
+        for s in a.spines.values(): s.set_color(_COLOURS[k % len(_COLOURS)]); s.set_linewidth(3)
+        a.set_title(titles[k] if titles else (f'global {k + 1}' if k < 2 else f'local {k - 1}'), fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -178,3 +178,14 @@ def test_bad_shapes(args, match):
         search_features(torch.randn(*l), torch.randn(*g), n)
     with pytest.raises(ValueError, match='keys'):
         search_features(torch.randn(6, 4, 2, 2), torch.randn(4, 4, 3, 3), 3, keys='second')
+
+
+@pytest.mark.parametrize('kw', [{}, {'softmax': True, 'temperature': 0.5}])
+def test_low_precision_keeps_dtype(kw):
+    local, glob = _rand(2, 3, 16, 2, 2, 5, 5)
+    S, A = search_features(local.bfloat16(), glob.bfloat16(), 3, **kw)
+    Sl, Al = search_features_loop(local.bfloat16(), glob.bfloat16(), 3, **kw)
+    S32, A32 = search_features(local, glob, 3, **kw)
+    assert S.dtype == torch.bfloat16 and A.dtype == torch.bfloat16 and Sl.dtype == torch.bfloat16
+    torch.testing.assert_close(S.float(), S32, atol=0.05, rtol=0.05)
+    torch.testing.assert_close(Sl.float(), S32, atol=0.05, rtol=0.05)

@@ -1,0 +1,56 @@
+"Tests for scfs.bench: the JSON contract of `scfs bench` and the timing helpers (no timing assertions)."
+import json, time
+import pytest, torch
+from scfs import bench
+from scfs.cli import main
+
+KEYS = ('search_speedup', 'scfs_over_dino_step', 'step_over_bare', 'loader_over_step')
+
+
+def test_time_interleaved_counts_and_order():
+    calls = []
+    t = bench.time_interleaved({'a': lambda: calls.append('a'), 'b': lambda: calls.append('b')}, repeats=2, warmup=1)
+    assert calls == ['a', 'b'] * 3
+    assert [len(v) for v in t.values()] == [2, 2] and all(x >= 0 for v in t.values() for x in v)
+
+
+def test_settings_scale_down():
+    q, f, g = bench.bench_settings('cpu', True), bench.bench_settings('cpu'), bench.bench_settings('cuda')
+    assert q['batch'] <= f['batch'] <= g['batch'] and g['backbone'] == 'resnet50' and q['backbone'] == 'small'
+    assert {l: v[0] for l, v in bench.OFFICIAL_SEARCH_SHAPES.items()} == {'layer2': 512, 'layer3': 1024, 'layer4': 2048}
+
+
+def test_cli_quick_json(capsys):
+    rc = main(['bench', '--device', 'cpu', '--quick', '--json', '--repeats', '1', '--batch', '4'])
+    assert rc == 0
+    out = capsys.readouterr().out.strip()
+    assert '\n' not in out  # one JSON object on one line
+    r = json.loads(out)
+    for k in KEYS: assert isinstance(r[k], float) and r[k] > 0, k
+    for k in ('timings', 'settings', 'device', 'torch', 'threads'): assert k in r
+    assert r['device'] == 'cpu' and r['torch'] == torch.__version__ and isinstance(r['threads'], int)
+    t = r['timings']
+    assert t['scfs_step_s'] > 0 and t['dino_step_s'] > 0 and t['bare_step_s'] > 0 and t['loader_images_per_s'] > 0
+    assert abs(r['scfs_over_dino_step'] - t['scfs_step_s'] / t['dino_step_s']) < 1e-9
+    assert abs(r['search_speedup'] - t['search_loop_s'] / t['search_vectorised_s']) < 1e-9
+    assert r['settings']['batch'] == 4 and t['loader_images'] == 12  # 4 batches of 4, the first is warm-up
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the no-GPU error path')
+def test_cli_cuda_without_gpu_is_a_clean_error(capsys):
+    assert main(['bench', '--device', 'cuda', '--quick']) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('scfs bench: error:') and 'CUDA' in err and 'Traceback' not in err
+
+
+def test_cli_rejects_batch_of_one(capsys):
+    assert main(['bench', '--device', 'cpu', '--quick', '--batch', '1']) == 2
+    assert 'batch' in capsys.readouterr().err
+
+
+def test_format_bench_marks_misses():
+    r = dict(search_speedup=10.0, scfs_over_dino_step=2.0, step_over_bare=1.0, loader_over_step=3.0, device='cpu',
+             device_name='x', torch='t', threads=2, quick=True,
+             timings=dict(scfs_step_s=.2, dino_step_s=.1, bare_step_s=.2, loader_images_per_s=100., step_images_per_s=40.))
+    s = bench.format_bench(r)
+    assert 'scfs_over_dino_step' in s and s.count('MISSED') == 1 and s.count(' ok') == 3

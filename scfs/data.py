@@ -147,6 +147,8 @@ def _paste(img, tex, mask):
     return img * (1 - m) + tex * m
 
 # %% ../nbs/00_data.ipynb #b1ec0b38
+_MIN_CONTRAST = 60.0  # minimal distance (RGB, 0-255) between the object's mean colour and that of what it covers
+
 def make_scene(rng: np.random.Generator, size: int = 64, label: int | None = None):
     "One clutter scene -> (PIL RGB image, label, tight object box (x0, y0, x1, y1) in pixels, x1/y1 exclusive)."
     if label is None: label = int(rng.integers(len(SCENE_CLASSES)))
@@ -159,7 +161,11 @@ def make_scene(rng: np.random.Generator, size: int = 64, label: int | None = Non
     polys = _POLYS[SCENE_CLASSES[label]]
     centre = rng.uniform(side / 2 + 1, size - side / 2 - 1, 2)
     m = _poly_mask(polys, size, centre, side / 2, rng.uniform(0, 2 * np.pi))
-    tex = _texture(rng, size)
+    w = m[..., None] / m.sum()
+    under = (img * w).sum((0, 1))                # mean colour of what the object will cover
+    for _ in range(8):                           # keep the object visible: redraw a texture too close to its surroundings
+        tex = _texture(rng, size)
+        if np.linalg.norm((tex * w).sum((0, 1)) - under) >= _MIN_CONTRAST: break
     img = _paste(img, tex, m)
     ys, xs = np.nonzero(m > 0.25)
     box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
@@ -183,7 +189,7 @@ def _grid_with_boxes(items, ncol=8, scale=3):
 
 # %% ../nbs/00_data.ipynb #56c83ee3
 _SPLITS = {'train': 0, 'test': 1}
-_META_VERSION = 1
+_META_VERSION = 2  # bump whenever make_scene changes: ensure_scenes then regenerates
 
 def _scene_job(args):
     "Worker: draw scenes `idx` of one split and write them; returns [(relpath, box)]."

@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 
 # %% auto #0
-__all__ = ['MAIN', 'ABLATIONS', 'ABLATION_AXES', 'METRICS', 'RESULTS', 'STUDY_EPOCHS', 'STUDY_TRAIN', 'attention_scores',
-           'evaluate_run', 'run_one', 'load_results', 'save_results', 'run_study', 'summarise', 'paired_difference',
-           'write_csv', 'verdict', 'study_plan', 'run_plan']
+__all__ = ['MAIN', 'ABLATIONS', 'ABLATION_AXES', 'METRICS', 'RESULTS', 'STUDY_EPOCHS', 'STUDY_TRAIN', 'STUDY_SUBSET',
+           'attach_step_curves', 'attention_scores', 'evaluate_run', 'run_one', 'load_results', 'save_results',
+           'run_study', 'summarise', 'paired_difference', 'write_csv', 'verdict', 'study_plan', 'run_plan',
+           'evaluate_random']
 
 # %% ../nbs/12_experiments.ipynb #cef06d3f
 MAIN = {'dino': dict(method='dino'), 'scfs': dict(method='scfs')}
@@ -44,14 +45,39 @@ def _history_curve(history, key='loss'):
         if key in h and h[key] is not None and 'epoch' in h: by_epoch.setdefault(int(h['epoch']), []).append(float(h[key]))
     return [statistics.fmean(by_epoch[e]) for e in sorted(by_epoch)]
 
-def attention_scores(checkpoint, scenes, n_images=64, seed=0) -> dict | None:
-    "Attention-on-object score per layer from `scfs.maps` (None when that module does not provide it yet)."
+def _step_curves(run_dir) -> dict | None:
+    "Per-step loss terms ('loss', 'dino', 'layer4/local', ...) from the trainer's `run_dir/metrics.jsonl` (None if gone)."
+    p = Path(run_dir) / 'metrics.jsonl'
+    if not p.exists(): return None
+    recs = [json.loads(l) for l in p.read_text().splitlines() if l.strip()]
+    recs = [r for r in recs if r.get('type') == 'step']
+    keys = [k for k in dict.fromkeys(k for r in recs for k in r) if k == 'loss' or k == 'dino' or '/' in k or k.startswith('layer')]
+    return {k: [r.get(k) for r in recs] for k in keys}
+
+def attach_step_curves(results) -> int:
+    "Add per-step loss curves (`loss_steps`, `dino_steps`) to results whose run folder still exists; returns how many."
+    n = 0
+    for r in results:
+        if r.get('error') or r.get('loss_steps') or not r.get('run_dir'): continue
+        c = _step_curves(r['run_dir'])
+        if c: r['loss_steps'], r['dino_steps'], r['step_terms'] = c['loss'], c['dino'], c; n += 1
+    return n
+
+def attention_scores(backbone, scenes, n_images=64, seed=0, **view_kw) -> dict | None:
+    """Attention-on-object score per layer from `scfs.maps.object_scores`: {layer: {'on': mean, 'off': mean, 'n_on', 'n_off'}}
+    ('on' = local crops covering the object, 'off' = crops away from it). None when `scfs.maps` is not available."""
     try:
-        from scfs import maps
-    except Exception: return None
-    fn = getattr(maps, 'attention_on_object', None) or getattr(maps, 'object_scores', None)
-    if fn is None: return None
-    return _jsonable(fn(checkpoint, scenes, n_images=n_images, seed=seed))
+        from scfs.maps import object_scores
+    except ImportError: return None
+    import inspect
+    ok = set(inspect.signature(object_scores).parameters)
+    kw = {k: v for k, v in view_kw.items() if k in ok or 'view_kw' in ok}
+    summ = object_scores(backbone, n_images=n_images, seed=seed, scenes_root=scenes, **kw)['summary']
+    out = {}
+    for (layer, kind), (mean, n) in summ.items():
+        out.setdefault(layer, {})[kind] = mean if math.isfinite(mean) else None
+        out[layer][f'n_{kind}'] = n
+    return out
 
 def evaluate_run(checkpoint, scenes, size, k=20) -> dict:
     "kNN (k=20, T=0.07) and linear-probe accuracy (%) of the teacher backbone on the scenes' train/test split."
@@ -59,24 +85,31 @@ def evaluate_run(checkpoint, scenes, size, k=20) -> dict:
     bb, _ = load_backbone(checkpoint, which='teacher')
     trf, trl = extract_features(bb, Path(scenes) / 'train', size)
     tef, tel = extract_features(bb, Path(scenes) / 'test', size)
-    return dict(knn=float(knn_classify(trf, trl, tef, tel, k=k, T=0.07)), linear=float(linear_probe(trf, trl, tef, tel)))
+    return dict(knn=float(knn_classify(trf, trl, tef, tel, k=k, T=0.07)), linear=float(linear_probe(trf, trl, tef, tel)),
+                backbone=bb)
 
 def run_one(name, overrides, seed, *, base, out_root, attention_images=64, log=print) -> dict:
     "Train one (config, seed), evaluate it, return a JSON-able result dict."
     from scfs.train import get_config, train
     run_dir = Path(out_root) / f'{name}-s{seed}'
     cfg = get_config(base.get('preset', 'tiny'), **{k: v for k, v in base.items() if k != 'preset'}, **overrides,
-                     seed=seed, out=str(run_dir), eval=False)
+                     seed=seed, out=str(run_dir), eval=False, progress=False, tensorboard=False, force=True)
     t0 = time.perf_counter()
     res = train(cfg)
     train_s = time.perf_counter() - t0
     ckpt = Path(res['run_dir']) / 'checkpoint_last.pth'
     ev = evaluate_run(ckpt, cfg.data, cfg.global_size)
-    att = attention_scores(ckpt, cfg.data, n_images=attention_images, seed=seed) if attention_images else None
+    att = None
+    if attention_images:
+        try: att = attention_scores(ev['backbone'].eval(), cfg.data, n_images=attention_images, n_local=cfg.n_local,
+                                    global_size=cfg.global_size, local_size=cfg.local_size)
+        except Exception as e: log(f'attention score failed: {e!r}'); att = dict(error=repr(e))
     r = dict(name=name, seed=seed, method=cfg.method, overrides=overrides, config=asdict(cfg),
              knn=ev['knn'], linear=ev['linear'], epoch_time=res.get('epoch_time'), train_s=train_s,
              wall_s=time.perf_counter() - t0, loss=_history_curve(res.get('history')),
              dino_loss=_history_curve(res.get('history'), 'dino'), attention=att, run_dir=str(res['run_dir']))
+    c = _step_curves(res['run_dir'])
+    if c: r['loss_steps'], r['dino_steps'], r['step_terms'] = c['loss'], c['dino'], c
     log(f"{name} seed {seed}: kNN {r['knn']:.2f}  linear {r['linear']:.2f}  {train_s:.0f}s train")
     return _jsonable(r)
 
@@ -135,13 +168,14 @@ def summarise(results, metrics=METRICS) -> list[dict]:
     return out
 
 def _attn_by_layer(r):
-    "Attention-on-object score per layer for a result (crops overlapping the object when `scfs.maps` splits them)."
+    "Attention-on-object scores of a result as {'layer4_on': x, 'layer4_off': y, ...} (None when absent)."
     a = r.get('attention')
     if not isinstance(a, dict): return None
     out = {}
     for l, v in a.items():
-        if isinstance(v, dict): v = v.get('overlap', v.get('inside', v.get('score')))
-        if isinstance(v, (int, float)): out[l] = float(v)
+        if not isinstance(v, dict): continue
+        for kind in ('on', 'off'):
+            if isinstance(v.get(kind), (int, float)): out[f'{l}_{kind}'] = float(v[kind])
     return out or None
 
 def paired_difference(results, a='scfs', b='dino', metric='knn') -> dict:
@@ -186,13 +220,13 @@ def study_plan(quick=False, root='runs/study', results_path=None) -> dict:
                     base=base, scenes=dict(out=f'{root}/scenes-quick', n_train=64, n_test=40, size=64, seed=0),
                     out_root=f'{root}/quick', results_path=results_path or f'{root}/quick/experiments.json',
                     attention_images=4)
-    base = dict(preset='tiny', epochs=STUDY_EPOCHS, workers=0)
+    base = dict(preset='tiny', epochs=STUDY_EPOCHS, subset=STUDY_SUBSET, workers=0, threads=1)
     return dict(configs={**MAIN, **ABLATIONS},
                 seeds={**{n: [0, 1, 2] for n in MAIN}, **{n: [0] for n in ABLATIONS}},
                 base=base, scenes=dict(out=f'{root}/scenes', n_train=STUDY_TRAIN, n_test=1000, size=64, seed=0),
                 out_root=f'{root}/full', results_path=results_path or RESULTS, attention_images=64)
 
-STUDY_EPOCHS, STUDY_TRAIN = 10, 2000
+STUDY_EPOCHS, STUDY_TRAIN, STUDY_SUBSET = 4, 2000, 1000
 
 def _ordered_jobs(plan):
     "Main pairs seed by seed first, then the ablations: a study cut short still has paired main runs."
@@ -201,6 +235,12 @@ def _ordered_jobs(plan):
     jobs += [(n, s) for n in plan['configs'] if n not in MAIN for s in seeds.get(n, [])]
     return jobs
 
+def _sha(mod):
+    "Short hash of an scfs module's source, stored with the results so a reader knows which code produced them."
+    import hashlib
+    p = Path(__file__).parent / f'{mod}.py' if '__file__' in globals() else Path('scfs') / f'{mod}.py'
+    return hashlib.sha256(p.read_bytes()).hexdigest()[:12] if p.exists() else None
+
 def run_plan(plan, log=print) -> list[dict]:
     "Generate the scenes if needed and run every job of `plan` (resumable)."
     import platform
@@ -208,7 +248,8 @@ def run_plan(plan, log=print) -> list[dict]:
     scenes = ensure_scenes(**plan['scenes'])
     base = dict(plan['base'], data=str(scenes))
     meta = dict(machine=f"{platform.machine()} {os.cpu_count()} CPU cores (torch threads {torch.get_num_threads()})",
-                torch=torch.__version__, started=time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()), plan=plan)
+                torch=torch.__version__, started=time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()), plan=plan,
+                code={m: _sha(m) for m in ('train', 'model', 'search', 'losses', 'heads', 'augment', 'evaluate', 'maps')})
     results = load_results(plan['results_path'])
     if results: meta['started'] = json.loads(Path(plan['results_path']).read_text())['meta'].get('started', meta['started'])
     t0 = time.perf_counter()
@@ -219,3 +260,16 @@ def run_plan(plan, log=print) -> list[dict]:
     meta.update(finished=time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()))
     save_results(out, plan['results_path'], meta)
     return out
+
+# %% ../nbs/12_experiments.ipynb #87f3aa1f
+def evaluate_random(scenes, size, seeds=(0,), backbone='small') -> dict:
+    "kNN / linear accuracy (%) of random-init backbones (one per seed), evaluated exactly like trained ones."
+    from scfs.evaluate import load_backbone, extract_features, knn_classify, linear_probe
+    out = []
+    for sd in seeds:
+        torch.manual_seed(sd)
+        bb, _ = load_backbone(None, backbone=backbone)
+        trf, trl = extract_features(bb, Path(scenes) / 'train', size)
+        tef, tel = extract_features(bb, Path(scenes) / 'test', size)
+        out.append(dict(knn=float(knn_classify(trf, trl, tef, tel, k=20, T=0.07)), linear=float(linear_probe(trf, trl, tef, tel))))
+    return {m: _mstd([o[m] for o in out]) for m in ('knn', 'linear')}

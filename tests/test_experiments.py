@@ -57,3 +57,14 @@ def test_write_csv(tmp_path):
     ex.write_csv([dict(name='a', knn_mean=1.23456), dict(name='b', linear_mean=2.0)], p)
     lines = p.read_text().splitlines()
     assert lines[0] == 'name,knn_mean,linear_mean' and lines[1] == 'a,1.2346,' and lines[2] == 'b,,2.0000'
+
+
+def test_step_curves_from_metrics(tmp_path):
+    recs = [dict(type='step', epoch=0, step=i, loss=3.0 - i, dino=2.0, lr=0.1, **{'layer4/local': 1.0 + i}) for i in range(3)]
+    recs.append(dict(type='epoch', epoch=0, loss=2.0, dino=2.0))
+    (tmp_path / 'metrics.jsonl').write_text('\n'.join(json.dumps(r) for r in recs) + '\n')
+    c = ex._step_curves(tmp_path)
+    assert c['loss'] == [3.0, 2.0, 1.0] and c['layer4/local'] == [1.0, 2.0, 3.0] and 'lr' not in c
+    res = [dict(name='scfs', seed=0, run_dir=str(tmp_path)), dict(name='x', seed=0, run_dir=str(tmp_path / 'gone'))]
+    assert ex.attach_step_curves(res) == 1 and res[0]['dino_steps'] == [2.0] * 3 and 'loss_steps' not in res[1]
+    assert ex._history_curve([dict(epoch=0, loss=2.0), dict(epoch=1, loss=1.0), dict(epoch=1, loss=3.0)]) == [2.0, 2.0]

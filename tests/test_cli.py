@@ -1,0 +1,96 @@
+"End-to-end tests of `scfs pretrain / knn / linear / export` through scfs.cli.main, a subprocess and torchrun."
+import json, os, re, shutil, subprocess, sys
+from pathlib import Path
+import pytest
+import torch
+
+from scfs.cli import main
+from scfs.data import generate_scenes
+
+SMALL = ['epochs=1', 'batch_size=16', 'n_local=2', 'out_dim=128', 'head_hidden=64', 'head_bottleneck=32',
+         'layer_out_dim=32', 'backbone_kw={"widths":[8,16,32,64]}', 'global_size=32', 'local_size=16', 'eval_size=32',
+         'warmup_epochs=0', 'workers=0', 'threads=1', 'tensorboard=false']
+VENV_BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope='module')
+def scenes(tmp_path_factory):
+    return generate_scenes(tmp_path_factory.mktemp('scenes') / 's', n_train=64, n_test=40, size=32, workers=1)
+
+
+def test_pretrain_then_knn_reproduces_and_export(tmp_path, scenes, capsys):
+    run = tmp_path / 'run'
+    assert main(['pretrain', '--data', str(scenes), '--out', str(run), '--quiet', '--seed', '1', *SMALL]) == 0
+    out = capsys.readouterr().out
+    assert '"preset": "tiny"' in out                                      # resolved config printed at start
+    m = re.search(r'trained teacher ([\d.]+)% \| random-init backbone ([\d.]+)%', out)
+    assert m, out[-2000:]
+    for f in ('config.json', 'metrics.jsonl', 'checkpoint_last.pth', 'loss_curve.png', 'results.json'):
+        assert (run / f).exists(), f
+    assert main(['knn', '--checkpoint', str(run), '--train', str(scenes / 'train'), '--val', str(scenes / 'test')]) == 0
+    k = re.search(r'kNN top-1 \(k=20.*\): ([\d.]+)%', capsys.readouterr().out)
+    assert k and k.group(1) == m.group(1)                                  # same number as printed by pretrain
+    assert main(['export', '--checkpoint', str(run), '--out', str(tmp_path / 'bb.pth')]) == 0
+    from scfs.backbone import SmallResNet
+    SmallResNet(widths=(8, 16, 32, 64)).load_state_dict(torch.load(tmp_path / 'bb.pth'), strict=True)
+    assert main(['knn', '--checkpoint', str(tmp_path / 'bb.pth'), '--train', str(scenes / 'train'),
+                 '--val', str(scenes / 'test')]) == 0
+    k2 = re.search(r'kNN top-1 \(k=20.*\): ([\d.]+)%', capsys.readouterr().out)
+    assert k2.group(1) == m.group(1)                                       # the exported backbone gives it too
+    assert main(['linear', '--checkpoint', str(run), '--train', str(scenes / 'train'), '--val', str(scenes / 'test'),
+                 '--epochs', '20']) == 0
+    assert 'linear probe top-1' in capsys.readouterr().out
+    # resume a finished run with more epochs continues it
+    assert main(['pretrain', '--out', str(run), '--resume', '--quiet', '--no-eval', 'epochs=2']) == 0
+    assert [r['epoch'] for r in map(json.loads, (run / 'metrics.jsonl').read_text().splitlines())
+            if r['type'] == 'epoch'] == [0, 1]
+
+
+@pytest.mark.parametrize('argv,msg', [
+    (['pretrain', '--preset', 'huge'], 'unknown preset'),
+    (['pretrain', 'lrr=0.1'], "unknown config key 'lrr'"),
+    (['pretrain', 'epochs=many'], 'bad value for epochs'),
+    (['pretrain', 'oops'], 'expected key=value'),
+    (['pretrain', '--resume', '--force'], 'incompatible'),
+    (['pretrain', '--data', '/nonexistent/x', '--out', '{tmp}/r'], 'data folder not found'),
+    (['pretrain', '--out', '{tmp}/none', '--resume'], 'nothing to resume'),
+    (['knn', '--checkpoint', '{tmp}/no.pth', '--train', '{tmp}', '--val', '{tmp}'], 'checkpoint not found'),
+    (['knn', '--train', '{tmp}', '--val', '{tmp}'], '--checkpoint'),
+    (['export', '--checkpoint', '{tmp}/no.pth', '--out', '{tmp}/x.pth'], 'checkpoint not found'),
+])
+def test_errors_are_one_line_exit_2(tmp_path, capsys, argv, msg):
+    argv = [a.replace('{tmp}', str(tmp_path)) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f'scfs {argv[0]}: error:') and msg in err and '\n' not in err, err
+
+
+def test_existing_run_folder_not_overwritten(tmp_path, scenes):
+    run = tmp_path / 'r'; run.mkdir(); (run / 'keep.txt').write_text('precious')
+    p = subprocess.run([str(VENV_BIN / 'scfs'), 'pretrain', '--data', str(scenes), '--out', str(run), *SMALL],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and 'already exists' in p.stderr and 'Traceback' not in p.stderr
+    assert p.stderr.strip().count('\n') == 0 and (run / 'keep.txt').read_text() == 'precious'
+
+
+def test_help_lists_presets():
+    p = subprocess.run([str(VENV_BIN / 'scfs'), 'pretrain', '--help'], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and 'resnet50-imagenet' in p.stdout and 'key=value' in p.stdout
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_cpu_gloo(tmp_path, scenes):
+    run = tmp_path / 'ddp'
+    script = tmp_path / 'launch.py'
+    script.write_text('import sys\nfrom scfs.cli import main\nsys.exit(main(sys.argv[1:]))\n')
+    cmd = [str(VENV_BIN / 'torchrun'), '--standalone', '--nproc_per_node=2', str(script), 'pretrain',
+           '--data', str(scenes), '--out', str(run), '--quiet', *SMALL, 'epochs=2', 'save_every_iters=1']
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-3000:])
+    steps = [json.loads(l) for l in (run / 'metrics.jsonl').read_text().splitlines()]
+    assert [r['step'] for r in steps if r['type'] == 'step'] == list(range(8))   # 64 images / (2 x 8) = 4 steps x 2 epochs
+    assert p.stdout.count('trained teacher') == 1                                  # only rank 0 prints and evaluates
+    from scfs.train import load_checkpoint
+    ck = load_checkpoint(run / 'checkpoint_last.pth')
+    assert (ck['epoch'], ck['iteration'], ck['world_size']) == (2, 0, 2)

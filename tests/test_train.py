@@ -1,0 +1,114 @@
+"Tests of scfs.train: config/presets, schedules, exact resume after SIGKILL, NaN stop, run-folder protection."
+import json, math, os, signal, subprocess, sys
+from dataclasses import asdict
+from pathlib import Path
+import numpy as np
+import pytest
+import torch
+
+from scfs.data import ScfsError, generate_scenes
+from scfs.train import (Config, PRESETS, get_config, config_from_dict, cosine_schedule, make_schedules, train,
+                        read_metrics, load_checkpoint, ResumableSampler, SeededDataset)
+
+SMALL = dict(epochs=2, batch_size=16, n_local=2, out_dim=128, head_hidden=64, head_bottleneck=32, layer_out_dim=32,
+             backbone_kw={'widths': [8, 16, 32, 64]}, global_size=32, local_size=16, warmup_epochs=0, workers=0,
+             threads=1, progress=False, generate=False, eval=False, eval_size=32, tensorboard=False)
+
+
+@pytest.fixture(scope='module')
+def scenes(tmp_path_factory):
+    return generate_scenes(tmp_path_factory.mktemp('scenes') / 's', n_train=96, n_test=40, size=32, workers=1)
+
+
+def test_presets_and_overrides():
+    r50 = get_config('resnet50-imagenet')
+    assert (r50.optimizer, r50.lr, r50.min_lr, r50.weight_decay, r50.warmup_epochs, r50.batch_size) == ('sgd', 0.1, 0.0048, 1e-4, 10, 256)
+    assert (r50.warmup_teacher_temp, r50.teacher_temp, r50.warmup_teacher_temp_epochs) == (0.04, 0.07, 50)
+    assert (r50.momentum_teacher, r50.clip_grad, r50.global_size, r50.local_size, r50.n_local, r50.out_dim, r50.epochs) == (0.996, 3.0, 224, 96, 8, 65536, 200)
+    assert r50.global_scale == (0.25, 1.0) and r50.local_scale == (0.05, 0.25)
+    assert set(PRESETS) == {'tiny', 'resnet18', 'resnet50-imagenet'} and get_config('resnet18').backbone == 'resnet18'
+    c = get_config('tiny', epochs='3', lr='0.01', eval='no', local_scale='0.1,0.3', backbone_kw='{"widths": [8,8,8,8]}')
+    assert (c.epochs, c.lr, c.eval, c.local_scale, c.backbone_kw) == (3, 0.01, False, (0.1, 0.3), {'widths': [8, 8, 8, 8]})
+    assert config_from_dict(json.loads(json.dumps(asdict(c)))) == c          # JSON round trip (tuples come back)
+    for bad in [dict(preset='nope'), dict(lrr='1'), dict(epochs='two'), dict(method='byol'), dict(optimizer='lamb'),
+                dict(resume=True, force=True), dict(n_local=0)]:
+        preset = bad.pop('preset', 'tiny')
+        with pytest.raises(ScfsError): get_config(preset, **bad)
+
+
+def test_schedules():
+    s = cosine_schedule(0.1, 0.0048, epochs=10, niter_per_ep=7, warmup_epochs=2)
+    assert len(s) == 70 and s[0] == 0 and math.isclose(s[13], 0.1) and math.isclose(s[-1], 0.0048, rel_tol=0.03)
+    assert np.all(np.diff(s[:14]) > 0) and np.all(np.diff(s[14:]) <= 1e-12)
+    sc = make_schedules(get_config('tiny', batch_size=128, lr=0.2, warmup_epochs=1, epochs=3), niter_per_ep=5)
+    assert math.isclose(sc['lr'].max(), 0.2 * 128 / 256) and sc['momentum'][0] == get_config().momentum_teacher
+    assert math.isclose(sc['wd'][0], 0.04) and sc['wd'][-1] > 0.39
+
+
+def test_sampler_order_is_function_of_seed_epoch():
+    data = list(range(20))
+    a = ResumableSampler(data, seed=1); a.set_epoch(3)
+    b = ResumableSampler(data, seed=1); b.set_epoch(3); b.start = 5
+    assert list(b) == list(a)[5:] and len(b) == 15
+    halves = [ResumableSampler(data, num_replicas=2, rank=r, seed=1) for r in (0, 1)]
+    assert sorted(list(halves[0]) + list(halves[1])) == data
+
+
+def _run_cfg(tmp, scenes, name, **kw):
+    return get_config('tiny', data=str(scenes), out=str(tmp / name), deterministic=True, **{**SMALL, **kw})
+
+
+def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, scenes):
+    torch.set_num_threads(1)
+    a = train(_run_cfg(tmp_path, scenes, 'a', save_every_iters=2))
+    la = [r['loss'] for r in read_metrics(a['run_dir'])]
+    assert len(la) == 12                                        # 96 images / 16 = 6 iterations x 2 epochs
+    # the same run in a subprocess that SIGKILLs itself right after step 4 (mid epoch 0; last save after 4 iterations,
+    # so step 4 is lost and redone)
+    cfg_b = asdict(_run_cfg(tmp_path, scenes, 'b', save_every_iters=2))
+    code = ('import json, sys; from scfs.train import config_from_dict, train; '
+            'train(config_from_dict(json.loads(sys.argv[1])))')
+    p = subprocess.run([sys.executable, '-c', code, json.dumps(cfg_b)], capture_output=True, text=True,
+                       env={**os.environ, 'SCFS_DEBUG_KILL_AT_STEP': '4'}, timeout=300)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    ck = load_checkpoint(tmp_path / 'b' / 'checkpoint_last.pth')
+    assert (ck['epoch'], ck['iteration']) == (0, 4)
+    assert len(read_metrics(tmp_path / 'b')) == 5              # steps 0..4 were logged before the kill
+    b = train(_run_cfg(tmp_path, scenes, 'b', save_every_iters=2, resume=True))
+    lb = [r['loss'] for r in read_metrics(b['run_dir'])]
+    assert lb == la                                             # bit-for-bit the same trajectory
+    sa = load_checkpoint(tmp_path / 'a' / 'checkpoint_last.pth')['model']
+    sb = load_checkpoint(tmp_path / 'b' / 'checkpoint_last.pth')['model']
+    assert sa.keys() == sb.keys() and any('center' in k for k in sa)
+    for k in sa: assert torch.equal(sa[k], sb[k]), k           # student, teacher and every loss centre
+    assert [r['epoch'] for r in read_metrics(tmp_path / 'b', 'epoch')] == [0, 1]
+    assert (tmp_path / 'b' / 'loss_curve.png').exists() and (tmp_path / 'b' / 'config.json').exists()
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, scenes, monkeypatch):
+    monkeypatch.setenv('SCFS_DEBUG_NAN_AT_STEP', '3')
+    with pytest.raises(ScfsError, match=r'step 3 \(epoch 0, iteration 3\)'):
+        train(_run_cfg(tmp_path, scenes, 'nan', save_every_iters=2))
+    ck = load_checkpoint(tmp_path / 'nan' / 'checkpoint_last.pth')
+    assert (ck['epoch'], ck['iteration']) == (0, 2)
+    assert all(torch.isfinite(v).all() for v in ck['model'].values() if v.is_floating_point())
+
+
+def test_huge_lr_is_caught(tmp_path, scenes):
+    # a real divergence (no hook): lr=1e30 without clipping makes the loss non-finite within a few steps
+    with pytest.raises(ScfsError, match=r'loss is (nan|inf|-inf) at step \d+'):
+        train(_run_cfg(tmp_path, scenes, 'lr', lr=1e30, clip_grad=0.0, optimizer='sgd', epochs=2))
+
+
+def test_run_folder_is_protected(tmp_path, scenes):
+    cfg = _run_cfg(tmp_path, scenes, 'r', epochs=1, max_iters=1)
+    train(cfg)
+    with pytest.raises(ScfsError, match='already exists'): train(cfg)
+    with pytest.raises(ScfsError, match='nothing to resume'): train(_run_cfg(tmp_path, scenes, 'empty', resume=True))
+    with pytest.raises(ScfsError, match='different config'):
+        train(_run_cfg(tmp_path, scenes, 'r', epochs=1, max_iters=1, resume=True, lr=1.0))
+    (tmp_path / 'r' / 'marker').write_text('x')
+    train(_run_cfg(tmp_path, scenes, 'r', epochs=1, max_iters=1, force=True))
+    assert not (tmp_path / 'r' / 'marker').exists()
+    with pytest.raises(ScfsError, match='data folder not found'):
+        train(_run_cfg(tmp_path, tmp_path / 'missing', 'x'))

@@ -380,7 +380,10 @@ def _resolve_data(cfg: Config) -> tuple:
     "(pretraining folder, kNN train folder or None, kNN val folder or None); generates the scenes if needed."
     data = Path(cfg.data)
     if cfg.generate and Path(cfg.data) == Path(DEFAULT_SCENES):
-        if is_main(): ensure_scenes(cfg.data, n_train=cfg.scenes_train, n_test=cfg.scenes_test, size=cfg.scenes_size)
+        if is_main():
+            t = time.time()
+            ensure_scenes(cfg.data, n_train=cfg.scenes_train, n_test=cfg.scenes_test, size=cfg.scenes_size)
+            if time.time() - t > 2: print(f'generated the clutter scenes in {data} ({time.time() - t:.0f} s)', flush=True)
         barrier()
     if not data.is_dir(): raise ScfsError(f'data folder not found: {data}')
     train_dir = data / 'train' if (data / 'train').is_dir() else data
@@ -555,6 +558,8 @@ def _train(cfg, device, rank, world):
 
     res = dict(run_dir=rd, knn=None, random_knn=None, knn_all=None, history=read_metrics(rd, 'epoch') if main else [],
                epoch_time=float(np.mean(epoch_times)) if epoch_times else None)
+    if main and cfg.eval and (knn_train is None or knn_val is None):
+        print(f'no labelled train/test folders next to {cfg.data}: skipping the kNN (set knn_train=DIR knn_val=DIR)')
     if main and cfg.eval and knn_train is not None and knn_val is not None:
         from scfs.evaluate import knn_checkpoint
         ev = dict(size=cfg.eval_size, k=cfg.knn_k, T=cfg.knn_T, device=device, workers=cfg.workers)
@@ -636,7 +641,7 @@ def cli_config(args) -> Config:
         saved = json.loads(cj.read_text())
         if args.preset and args.preset != saved.get('preset'):
             raise ScfsError(f"--preset {args.preset} does not match the run's preset {saved.get('preset')!r}")
-        saved['out'] = str(probe.run_dir)
+        saved['out'], saved['force'] = str(probe.run_dir), False
         return config_from_dict(saved, **ov)
     return get_config(args.preset or 'tiny', **ov)
 

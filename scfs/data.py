@@ -83,9 +83,10 @@ def _smooth_noise(rng, size, cells):
     g = rng.random((cells, cells)).astype(np.float32)
     return np.asarray(Image.fromarray(g, mode='F').resize((size, size), Image.BILINEAR))
 
-def _texture(rng, size, kind=None):
-    "An `(size, size, 3)` float texture made of two palette colours and a pattern."
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+def _texture(rng, size, kind=None, region=None):
+    "A float texture of two palette colours and a pattern on the `size x size` canvas, or on `region` (y0, y1, x0, x1) of it."
+    y0, y1, x0, x1 = region or (0, size, 0, size)
+    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
     c1, c2 = _colour(rng), _colour(rng)
     kind = kind or ['plain', 'stripes', 'dots', 'checks', 'noise'][rng.integers(5)]
     period = size * rng.uniform(0.06, 0.16)
@@ -100,7 +101,7 @@ def _texture(rng, size, kind=None):
     elif kind == 'checks':
         w = ((np.floor(u / period) + np.floor(v / period)) % 2).astype(np.float32)
     else:
-        w = _smooth_noise(rng, size, int(rng.integers(4, 10)))
+        w = _smooth_noise(rng, size, int(rng.integers(4, 10)))[y0:y1, x0:x1]
     return c1 * (1 - w[..., None]) + c2 * w[..., None]
 
 def _background(rng, size):
@@ -142,9 +143,16 @@ def _distractor_polys(rng):
     ar = rng.uniform(0.15, 0.35)
     return [np.array([[-1, -ar], [1, -ar], [1, ar], [-1, ar]])]
 
-def _paste(img, tex, mask):
-    m = mask[..., None]
-    return img * (1 - m) + tex * m
+def _region(mask):
+    "Bounding rows/columns (y0, y1, x0, x1) of a mask's non-zero part, or None: textures are only computed there."
+    ys, xs = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    return (int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1) if len(ys) else None
+
+def _paste(img, tex, mask, region):
+    y0, y1, x0, x1 = region
+    m = mask[y0:y1, x0:x1, None]
+    img[y0:y1, x0:x1] = img[y0:y1, x0:x1] * (1 - m) + tex * m
+    return img
 
 # %% ../nbs/00_data.ipynb #b1ec0b38
 _MIN_CONTRAST = 60.0  # minimal distance (RGB, 0-255) between the object's mean colour and that of what it covers
@@ -156,17 +164,18 @@ def make_scene(rng: np.random.Generator, size: int = 64, label: int | None = Non
     for _ in range(int(rng.integers(2, 5))):      # distractors first: the object is drawn on top
         r = size * rng.uniform(0.08, 0.2)
         m = _poly_mask(_distractor_polys(rng), size, rng.uniform(0, size, 2), r, rng.uniform(0, 2 * np.pi))
-        img = _paste(img, _texture(rng, size), m)
+        if (reg := _region(m)) is not None: img = _paste(img, _texture(rng, size, region=reg), m, reg)
     side = size * rng.uniform(0.25, 0.5)         # object side: 25-50 % of the scene
     polys = _POLYS[SCENE_CLASSES[label]]
     centre = rng.uniform(side / 2 + 1, size - side / 2 - 1, 2)
     m = _poly_mask(polys, size, centre, side / 2, rng.uniform(0, 2 * np.pi))
-    w = m[..., None] / m.sum()
-    under = (img * w).sum((0, 1))                # mean colour of what the object will cover
+    reg = _region(m); y0, y1, x0, x1 = reg
+    w = m[y0:y1, x0:x1, None] / m.sum()
+    under = (img[y0:y1, x0:x1] * w).sum((0, 1))  # mean colour of what the object will cover
     for _ in range(8):                           # keep the object visible: redraw a texture too close to its surroundings
-        tex = _texture(rng, size)
+        tex = _texture(rng, size, region=reg)
         if np.linalg.norm((tex * w).sum((0, 1)) - under) >= _MIN_CONTRAST: break
-    img = _paste(img, tex, m)
+    img = _paste(img, tex, m, reg)
     ys, xs = np.nonzero(m > 0.25)
     box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
     out = Image.fromarray(np.clip(img, 0, 255).round().astype(np.uint8), 'RGB')
@@ -189,7 +198,7 @@ def _grid_with_boxes(items, ncol=8, scale=3):
 
 # %% ../nbs/00_data.ipynb #56c83ee3
 _SPLITS = {'train': 0, 'test': 1}
-_META_VERSION = 2  # bump whenever make_scene changes: ensure_scenes then regenerates
+_META_VERSION = 3  # bump whenever make_scene changes: ensure_scenes then regenerates
 
 def _scene_job(args):
     "Worker: draw scenes `idx` of one split and write them; returns [(relpath, box)]."

@@ -13,7 +13,7 @@ from .data import to_rgb
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'denormalize', 'RandomBlur', 'MultiCrop', 'multicrop_collate', 'eval_transform',
-           'show_multicrop']
+           'show_multicrop', 'object_fraction']
 
 # %% ../nbs/01_augment.ipynb #4d355cdf
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -124,3 +124,12 @@ def show_multicrop(img, out: dict, object_box=None, titles=None, dpi: int = 70, 
         a.set_title(titles[k] if titles else (f'global {k + 1}' if k < 2 else f'local {k - 1}'), fontsize=8)
     fig.tight_layout()
     return fig
+
+# %% ../nbs/01_augment.ipynb #7dd82038
+def object_fraction(boxes: torch.Tensor, obj) -> torch.Tensor:
+    "Fraction of the object box `obj` (x0, y0, x1, y1) that lies inside each crop box of `boxes` (..., 4)."
+    boxes = torch.as_tensor(boxes, dtype=torch.float32)
+    obj = torch.as_tensor(obj, dtype=torch.float32)
+    iw = (torch.minimum(boxes[..., 2], obj[2]) - torch.maximum(boxes[..., 0], obj[0])).clamp(min=0)
+    ih = (torch.minimum(boxes[..., 3], obj[3]) - torch.maximum(boxes[..., 1], obj[1])).clamp(min=0)
+    return iw * ih / ((obj[2] - obj[0]) * (obj[3] - obj[1])).clamp(min=1e-12)

@@ -133,3 +133,10 @@ def test_eval_transform(photo):
     y = eval_transform(224)(photo)
     assert y.shape == (3, 224, 224) and abs(denormalize(y).mean().item() - np.asarray(photo).mean() / 255) < 0.08
     assert eval_transform(32)(Image.new('RGBA', (1, 1))).shape == (3, 32, 32)
+
+
+def test_object_fraction():
+    from scfs.augment import object_fraction
+    crops = torch.tensor([[0., 0, 10, 10], [5, 5, 15, 15], [20, 20, 30, 30], [2, 0, 4, 10]])
+    torch.testing.assert_close(object_fraction(crops, (0, 0, 10, 10)), torch.tensor([1., .25, 0., .2]))
+    assert object_fraction(crops[None], (0, 0, 10, 10)).shape == (1, 4)

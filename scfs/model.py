@@ -110,6 +110,12 @@ class SCFS(nn.Module):
         self.__dict__["_ddp"] = DDP(self.student, **ddp_kwargs)
         return self
 
+    def __getstate__(self):
+        "Pickling/deepcopy drop the DDP wrapper (call `distribute()` again on the copy)."
+        state = self.__dict__.copy()
+        state.pop("_ddp", None)
+        return state
+
     def sync_batchnorm(self):
         "Convert the BatchNorm layers of student and teacher to `SyncBatchNorm` in place (state_dict keys unchanged)."
         nn.SyncBatchNorm.convert_sync_batchnorm(self.student)

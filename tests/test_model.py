@@ -104,3 +104,25 @@ def test_state_dict_roundtrip_and_schedules():
     ms = momentum_schedule(4, 3)
     assert len(ms) == 12 and ms[0] == 0.996 and ms[-1] < 1 and all(ms[1:] > ms[:-1])
     assert len(cosine_schedule(1.0, 0.0, 2, 5, warmup_epochs=1)) == 10
+
+
+def test_distribute_single_process_gloo():
+    "DDP wrapper (world size 1, gloo): same loss and grads, state_dict keys unchanged, deepcopy drops the wrapper."
+    import socket
+    import torch.distributed as dist
+    sock = socket.socket(); sock.bind(("127.0.0.1", 0)); port = sock.getsockname()[1]; sock.close()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        m, ref = _model(seed=2), _model(seed=2)
+        keys = list(m.state_dict())
+        m.distribute()
+        assert "_ddp" in m.__dict__ and list(m.state_dict()) == keys
+        crops = _crops(2)
+        o, o2 = m(crops), ref(crops)
+        o["loss"].backward(); o2["loss"].backward()
+        torch.testing.assert_close(o["loss"], o2["loss"])
+        for p, q in zip(m.student.parameters(), ref.student.parameters()):
+            if p.requires_grad: torch.testing.assert_close(p.grad, q.grad)
+        assert "_ddp" not in copy.deepcopy(m).__dict__
+    finally:
+        dist.destroy_process_group()

@@ -230,6 +230,7 @@ def _cli(args):
     from scfs.data import ScfsError
     if args.device == 'cuda' and not torch.cuda.is_available(): raise ScfsError('--device cuda: no CUDA device is available')
     if args.threads: torch.set_num_threads(args.threads)
+    elif args.quick and args.device != 'cuda': torch.set_num_threads(1)  # stable ratios on a shared CPU (see notebook)
     ov = dict(repeats=args.repeats, warmup=min(1, args.repeats)) if args.repeats else {}
     if args.batch:
         if args.batch < 2: raise ScfsError('--batch must be >= 2 (batch norm needs two images)')
@@ -246,7 +247,7 @@ def add_cli(sub):
     p.add_argument('--device', choices=['cpu', 'cuda'], default=None, help='default: cuda if available, else cpu')
     p.add_argument('--quick', action='store_true', help='smallest settings (CI; < 2 min on 2 CPU cores)')
     p.add_argument('--json', action='store_true', help='print one JSON object instead of a table')
-    p.add_argument('--threads', type=int, default=0, help='torch CPU threads (default: leave as is)')
+    p.add_argument('--threads', type=int, default=0, help='torch CPU threads (default: 1 with --quick on CPU, else torch default)')
     p.add_argument('--repeats', type=int, default=0, help='timed repeats per measurement (default: per device/quick)')
     p.add_argument('--batch', type=int, default=0, help='training batch size for the step/loader timings (default: per device/quick)')
     p.set_defaults(func=_cli)

@@ -154,7 +154,8 @@ def _parse_value(key: str, text: str, current):
 def _auto(t: str):
     "Best guess for a value whose field has no typed default: JSON if it parses, else the string."
     try: v = json.loads(t)
-    except json.JSONDecodeError: return t
+    except json.JSONDecodeError:
+        return tuple(_auto(x.strip()) for x in t.strip('()[]').split(',') if x.strip()) if ',' in t else t
     return tuple(v) if isinstance(v, list) else v
 
 def _check_keys(keys):

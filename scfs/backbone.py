@@ -4,11 +4,10 @@
 
 # %% ../nbs/02_backbone.ipynb #0bb16e83
 from __future__ import annotations
-import copy
 import torch
 import torch.nn as nn
 import torchvision
-from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
+from torchvision.models.resnet import BasicBlock, conv1x1
 
 # %% auto #0
 __all__ = ['SmallResNet', 'MultiLayerBackbone', 'build_backbone', 'backbone_state_dict_for_export']

@@ -83,3 +83,16 @@ def test_small_trains():
         opt.zero_grad(); loss.backward(); opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_export_custom_small_and_deepcopy():
+    import copy
+    b = build_backbone('small', widths=(8, 16, 24, 32), layers=(1, 2, 1, 1))
+    assert b.embed_dim == 32 and b.channels['layer2'] == 16
+    sd = backbone_state_dict_for_export(b)
+    m = SmallResNet(widths=(8, 16, 24, 32), layers=(1, 2, 1, 1))
+    m.load_state_dict(sd, strict=True)
+    t = copy.deepcopy(b)   # the teacher is a deepcopy of the student backbone
+    assert t.channels == b.channels and t.arch == 'small'
+    with pytest.raises(Exception):
+        SmallResNet().load_state_dict(sd, strict=True)   # a different architecture must not load

@@ -79,7 +79,8 @@ class SearchHead(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return self.relu(out + x)
+        out += x                                  # in place, as torchvision's Bottleneck (BN's backward does not need its output)
+        return self.relu(out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         "(N, C, H, W) feature maps -> (N, out_dim) L2-normalised embeddings."

@@ -33,6 +33,16 @@ def test_score_mass_outside_and_negatives():
     assert math.isnan(attention_on_object(-torch.ones(4, 4), (0, 0, 32, 32), 64))
 
 
+def test_score_mean_baseline():
+    m = torch.zeros(8, 8); m[2:4, 2:6] = 3.0
+    assert math.isclose(attention_on_object(m, (16, 16, 48, 32), 64, baseline='mean'), 8.0)
+    assert math.isnan(attention_on_object(torch.ones(8, 8), (16, 16, 48, 32), 64, baseline='mean'))  # no mass above mean
+    grad = torch.linspace(0.5, 1, 8)[None].repeat(8, 1)   # all positive, rising to the right
+    z, c = attention_on_object(grad, (32, 0, 64, 64), 64), attention_on_object(grad, (32, 0, 64, 64), 64, 'mean')
+    assert 1 < z < c <= 2
+    with pytest.raises(ValueError): attention_on_object(m, (0, 0, 8, 8), 64, baseline='max')
+
+
 def test_box_fraction_partial_cells():
     f = box_fraction_map((2, 2), (0, 0, 48, 16), 64)
     torch.testing.assert_close(f, torch.tensor([[0.5, 0.25], [0.0, 0.0]], dtype=torch.float64))
@@ -85,6 +95,7 @@ def test_object_scores_runs_and_counts():
     r = object_scores(build_backbone('small'), n_images=3, n_local=3)
     assert r['rows'] and sum(n for _, n in r['summary'].values()) == len(r['rows'])
     assert all(s['score'] >= 0 for s in r['rows'])
+    assert {row['kind'] for row in r['rows']} <= {'on', 'off'}
 
 
 def test_load_image_and_errors(tmp_path):

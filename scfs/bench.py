@@ -43,6 +43,14 @@ def time_interleaved(fns: dict, device='cpu', repeats=5, warmup=1) -> dict[str, 
 OFFICIAL_SEARCH_SHAPES = {  # layer: (channels, global side, local side) for ResNet-50 at 224 / 96
     'layer2': (512, 28, 12), 'layer3': (1024, 14, 6), 'layer4': (2048, 7, 3)}
 
+def _tiny_preset() -> dict:
+    "Model/crop sizes of the trainer's `tiny` preset (so the CPU benchmark times exactly what `scfs pretrain` trains)."
+    from scfs.train import get_config
+    c = get_config('tiny')
+    return dict(backbone=c.backbone, backbone_kw={k: list(v) if isinstance(v, tuple) else v for k, v in c.backbone_kw.items()},
+                global_size=c.global_size, local_size=c.local_size, n_local_step=c.n_local, out_dim=c.out_dim,
+                head_hidden=c.head_hidden, head_bottleneck=c.head_bottleneck, layer_out_dim=c.layer_out_dim)
+
 def bench_settings(device='cpu', quick=False) -> dict:
     "The sizes used by `run_bench` for a device; `quick` shrinks everything for CI."
     cuda = torch.device(device).type == 'cuda'
@@ -54,8 +62,7 @@ def bench_settings(device='cpu', quick=False) -> dict:
         return dict(search_batch=8, n_local=8, backbone='resnet18', global_size=224, local_size=96, batch=16,
                     out_dim=4096, head_hidden=512, layer_out_dim=256, amp=True, channels_last=True, repeats=5, warmup=2,
                     loader_images=128, loader_batch=16, workers=min(4, os.cpu_count() or 1))
-    tiny = dict(n_local=8, backbone='small', global_size=56, local_size=28, n_local_step=6, out_dim=1024,
-                head_hidden=512, head_bottleneck=128, layer_out_dim=128, amp=False, channels_last=False)  # the `tiny` preset
+    tiny = dict(_tiny_preset(), n_local=8, amp=False, channels_last=False)
     if quick:
         return dict(tiny, search_batch=2, batch=16, repeats=3, warmup=1, loader_images=64, loader_batch=16, workers=0)
     return dict(tiny, search_batch=4, batch=64, repeats=7, warmup=2, loader_images=384, loader_batch=64,
@@ -118,7 +125,9 @@ def _batch(s, device, seed=0):
 def _model(method, s, device):
     from scfs.model import SCFS
     torch.manual_seed(0)
-    m = SCFS(backbone=s['backbone'], method=method, n_local=s.get('n_local_step', s['n_local']), out_dim=s['out_dim'],
+    from scfs.backbone import build_backbone
+    bb = build_backbone(s['backbone'], **s.get('backbone_kw', {}))
+    m = SCFS(backbone=bb, method=method, n_local=s.get('n_local_step', s['n_local']), out_dim=s['out_dim'],
              head_hidden=s['head_hidden'], head_bottleneck=s.get('head_bottleneck', 256), layer_out_dim=s['layer_out_dim'],
              epochs=10)
     m = m.to(device)

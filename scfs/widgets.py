@@ -125,8 +125,9 @@ class RegionMatch:
         "Use a random-init backbone (None) or the teacher backbone of a checkpoint; recomputes the maps."
         if checkpoint in (None, ''):
             from scfs.backbone import build_backbone
-            torch.manual_seed(self.seed)
-            bb = build_backbone(self.arch)
+            with torch.random.fork_rng():  # reproducible init without touching the caller's RNG
+                torch.manual_seed(self.seed)
+                bb = build_backbone(self.arch)
             self.backbone_name = f'random init ({self.arch})'
         else:
             from scfs.evaluate import load_backbone
@@ -150,6 +151,11 @@ class RegionMatch:
             img, self.object_box = load_image(spec)
             name = Path(str(spec)).name
         self.img, self.image_name = img.convert('RGB'), name
+        if name.startswith('scene '): self.source.value, self.scene_index.value = _SCENE, int(scene_index)
+        else:
+            match = [v for _, v in self.source.options if v.startswith('photo:') and Path(v[6:]).name == name]
+            self.source.value = match[0] if match else _PATH
+            if not match and not isinstance(image, Image.Image): self.path.value = str(image)
         self.resample()
 
     def resample(self):

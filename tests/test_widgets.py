@@ -68,6 +68,7 @@ def test_freeze_stops_updates():
 
 def test_image_sources_and_bad_checkpoint(tmp_path):
     w3 = RegionMatch(image='scene', scene_index=2, view_size=64, seed=0)
+    assert w3.source.value == 'scene (by index)' and w3.scene_index.value == 2   # the controls show the image
     w3.source.value = 'scene (by index)'; w3.scene_index.value = 5
     w3.load_button.click()
     assert w3.image_name == 'scene 5' and w3.status.value == ''
@@ -88,3 +89,28 @@ def test_random_view_reproducible():
     assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
     x0, y0, x1, y1 = a[1]
     assert 0 <= x0 < x1 <= 70 and 0 <= y0 < y1 <= 50
+
+
+def test_checkpoint_backbone(tmp_path):
+    "Switching to a saved backbone (an exported state_dict) gives that backbone's maps."
+    from scfs.backbone import build_backbone, backbone_state_dict_for_export
+    torch.manual_seed(123)
+    bb = build_backbone('small')
+    with torch.no_grad():
+        for p in bb.parameters(): p.add_(0.05 * torch.randn_like(p))
+    ck = tmp_path / 'bb.pth'
+    torch.save(backbone_state_dict_for_export(bb), ck)
+    w4 = RegionMatch(image='scene', scene_index=3, view_size=64, seed=0)
+    before = {l: m.clone() for l, m in w4.maps.items()}
+    w4.backbone_choice.value = 'checkpoint'; w4.checkpoint.value = str(ck)
+    w4.backbone_button.click()
+    assert w4.status.value == '' and w4.backbone_name == 'bb.pth'
+    bb.eval()
+    with torch.no_grad():
+        q = crop_region(w4.view_a, w4.box, w4.query_size)
+        lf, gf = bb(q[None]), bb(torch.stack([w4.view_b, w4.view_a]))
+    for l in LAYERS:
+        torch.testing.assert_close(w4.maps[l], search_features(lf[l], gf[l], 1)[1][0])
+    assert any(not torch.allclose(before[l], w4.maps[l]) for l in LAYERS)
+    w4.backbone_choice.value = 'random init'; w4.backbone_button.click()
+    for l in LAYERS: torch.testing.assert_close(w4.maps[l], before[l])   # same seed -> same random init

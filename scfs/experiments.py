@@ -92,8 +92,9 @@ def run_one(name, overrides, seed, *, base, out_root, attention_images=64, log=p
     "Train one (config, seed), evaluate it, return a JSON-able result dict."
     from scfs.train import get_config, train
     run_dir = Path(out_root) / f'{name}-s{seed}'
-    cfg = get_config(base.get('preset', 'tiny'), **{k: v for k, v in base.items() if k != 'preset'}, **overrides,
-                     seed=seed, out=str(run_dir), eval=False, progress=False, tensorboard=False, force=True)
+    kw = {**{k: v for k, v in base.items() if k != 'preset'}, **overrides}   # a config's overrides win over the base
+    cfg = get_config(base.get('preset', 'tiny'), **kw, seed=seed, out=str(run_dir), eval=False, progress=False,
+                     tensorboard=False, force=True)
     t0 = time.perf_counter()
     res = train(cfg)
     train_s = time.perf_counter() - t0

@@ -54,6 +54,13 @@ def momentum_schedule(epochs: int, niter_per_ep: int, base: float = 0.996, final
     return cosine_schedule(base, final, epochs, niter_per_ep)
 
 # %% ../nbs/06_model.ipynb #fca498fd
+def _bottleneck(channels: int, spec) -> int | None:
+    "Search-head bottleneck width: None -> C/4 (ResNet convention), float in (0, 1] -> that fraction of C, int -> as given."
+    if spec is None: return None
+    if isinstance(spec, float) and 0 < spec <= 1: return max(int(round(channels * spec)), 8)
+    return int(spec)
+
+
 def _layer_weights(layer_weights, layers) -> dict:
     if layer_weights is None: return {l: 1.0 for l in layers}
     if isinstance(layer_weights, dict): return {l: float(layer_weights.get(l, 1.0)) for l in layers}
@@ -63,7 +70,9 @@ def _layer_weights(layer_weights, layers) -> dict:
 
 
 class SCFS(nn.Module):
-    "SCFS (or the DINO baseline with `method='dino'`): student, EMA teacher, all losses; `forward(crops, epoch)` -> dict of loss terms."
+    """SCFS (or the DINO baseline with `method='dino'`): student, EMA teacher, all losses; `forward(crops, epoch)` -> dict of loss terms.
+    Search heads: `layer_out_dim` outputs, `layer_hidden` (default `head_hidden`) hidden units, bottleneck `layer_bottleneck`
+    (None = C/4, a float = fraction of the layer's channels C, an int = that width for every layer)."""
     def __init__(self, backbone='small', method: str = "scfs", n_local: int = 6, out_dim: int = 4096,
                  head_hidden: int = 2048, head_bottleneck: int = 256, head_bn: bool = False, norm_last_layer: bool = True,
                  search_layers=("layer2", "layer3", "layer4"), layer_weights=None, layer_out_dim: int = 256,
@@ -87,7 +96,8 @@ class SCFS(nn.Module):
         head = DINOHead(bb.embed_dim, out_dim, use_bn=head_bn, norm_last_layer=norm_last_layer,
                         hidden_dim=head_hidden, bottleneck_dim=head_bottleneck)
         layer_heads = nn.ModuleDict({l: SearchHead(bb.channels[l], layer_out_dim, hidden_dim=layer_hidden or head_hidden,
-                                                   bottleneck=layer_bottleneck) for l in self.search_layers})
+                                                   bottleneck=_bottleneck(bb.channels[l], layer_bottleneck))
+                                     for l in self.search_layers})
         self.student = Student(dict(backbone=bb, head=head, layer_heads=layer_heads))
         self.teacher = copy.deepcopy(self.student)
         for p in self.teacher.parameters(): p.requires_grad_(False)

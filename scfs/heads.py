@@ -82,7 +82,25 @@ class SearchHead(nn.Module):
         out += x                                  # in place, as torchvision's Bottleneck (BN's backward does not need its output)
         return self.relu(out)
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        "GAP -> projector -> L2 norm."
+        return F.normalize(self.projector(x.mean(dim=(2, 3))), dim=-1, p=2)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         "(N, C, H, W) feature maps -> (N, out_dim) L2-normalised embeddings."
-        x = self.block(x).mean(dim=(2, 3))
-        return F.normalize(self.projector(x), dim=-1, p=2)
+        return self.embed(self.block(x))
+
+    def forward_searched(self, keys: torch.Tensor, maps: torch.Tensor, searched: torch.Tensor, views: int = 1) -> torch.Tensor:
+        """Same result as `forward(searched)` for searched features S[v,i,b] = maps[v,i,b] * keys[v*B+b], as returned
+        by `search_features` (`keys` (views*B, C, H, W): the raw maps of the searched global views; `maps` (views*n*B, H, W)
+        and `searched` (views*n*B, C, H, W), crop-major). The first 1x1 conv is linear without bias, so
+        conv1(A * F) = A * conv1(F): it runs once per global view instead of once per local crop."""
+        VB, _, H, W = keys.shape
+        B, n = VB // views, maps.shape[0] // VB
+        if B * views != VB or n * VB != maps.shape[0]: raise ValueError("keys/maps rows do not match views * n * B")
+        h = self.conv1(keys).unflatten(0, (views, 1, B)) * maps.view(views, n, B, 1, H, W).to(keys.dtype)
+        out = self.relu(self.bn1(h.flatten(0, 2)))                       # (views*n*B, d, H, W)
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        out += searched
+        return self.embed(self.relu(out))

@@ -167,7 +167,8 @@ class SCFS(nn.Module):
                 t_global = th(tg[l])
                 searched, A = search_features(s[f"{l}/local_map"], tg[l], n_local, keys=self.search_keys,
                                               softmax=self.search_softmax, temperature=self.search_temperature)
-                t_searched = th(searched)
+                V = 2 if self.search_keys == "both" else 1
+                t_searched = th.forward_searched(tg[l][:V * len(globals_) // 2], A, searched, views=V)   # == th(searched)
             terms = self.losses[l](s[f"{l}/global"], t_global, s[f"{l}/local"], t_searched, epoch)
             total = total + self.layer_weights[l] * terms["loss"]
             out[f"{l}/global"], out[f"{l}/local"], out[l] = (terms["global"].detach(), terms["local"].detach(),

@@ -67,3 +67,13 @@ def test_search_head_residual():
     x = torch.randn(2, 8, 4, 4)
     torch.testing.assert_close(sh.block(x), x.relu())
     assert sh.conv2.kernel_size == (3, 3) and sh.conv1.out_channels == 4
+
+
+def test_forward_searched_equals_forward_on_searched():
+    from scfs.search import search_features
+    torch.manual_seed(0)
+    sh = SearchHead(16, hidden_dim=32)
+    for keys, V in (("first", 1), ("both", 2)):
+        loc, glob = torch.randn(3 * 2, 16, 2, 2), torch.randn(2 * 2, 16, 5, 5)
+        S, A = search_features(loc, glob, 3, keys=keys)
+        torch.testing.assert_close(sh.forward_searched(glob[:V * 2], A, S, views=V), sh(S), atol=1e-5, rtol=1e-4)

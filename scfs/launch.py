@@ -93,6 +93,8 @@ def measure_throughput(preset: str = 'resnet18', device: str = 'auto', batch_siz
     dev = resolve_device(device)
     B = batch_size or cfg.batch_size
     cuda = dev.type == 'cuda'
+    nt = torch.get_num_threads()
+    if cfg.threads and not cuda: torch.set_num_threads(cfg.threads)   # the preset's CPU setting (1 for tiny)
     model = build_model(cfg).to(dev)
     if cuda: model = model.to(memory_format=torch.channels_last)
     opt = build_optimizer(cfg, model)
@@ -112,10 +114,11 @@ def measure_throughput(preset: str = 'resnet18', device: str = 'auto', batch_siz
     for _ in range(steps): step()
     if cuda: torch.cuda.synchronize(dev)
     dt = (time.perf_counter() - t) / steps
+    threads = torch.get_num_threads(); torch.set_num_threads(nt)
     return dict(preset=preset, device=str(dev), device_name=torch.cuda.get_device_name(dev) if cuda else 'cpu',
                 batch_size=B, crops=f'2x{cfg.global_size} + {cfg.n_local}x{cfg.local_size}', step_s=dt, images_per_s=B / dt,
                 peak_mem_gb=torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else None, amp=amp,
-                threads=torch.get_num_threads())
+                threads=threads)
 
 # %% ../nbs/09_gpu_pretraining.ipynb #f1afb1d5
 def gpu_check(out: str = 'runs/gpu-check', epochs: int = 2, n_train: int = 5000, batch_sizes=(64, 128)) -> dict:

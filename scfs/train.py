@@ -54,14 +54,14 @@ class Config:
     global_size: int = 56
     local_size: int = 28
     n_local: int = 6
-    global_scale: tuple = (0.25, 1.0)
-    local_scale: tuple = (0.05, 0.25)
+    global_scale: tuple = (0.4, 1.0)                # scenes: keep the object in both global views more often
+    local_scale: tuple = (0.1, 0.4)
     photometric: bool = True
     # optimisation
-    epochs: int = 10
+    epochs: int = 6
     batch_size: int = 64                # total over all processes
     optimizer: str = 'adamw'            # 'sgd' or 'adamw'
-    lr: float = 2e-3                    # for a batch of 256; scaled by batch_size/256
+    lr: float = 5e-3                    # for a batch of 256; scaled by batch_size/256
     min_lr: float = 1e-5
     momentum: float = 0.9               # SGD only
     weight_decay: float = 0.04
@@ -457,7 +457,7 @@ def _train(cfg, device, rank, world):
     train_dir, knn_train, knn_val = _resolve_data(cfg)
     if main:
         print(f'scfs pretrain: preset {cfg.preset!r}, method {cfg.method!r}, device {device}, {world} process(es), amp {amp}')
-        print(json.dumps(asdict(cfg), indent=1, default=str))
+        print('config:', json.dumps(asdict(cfg), default=str), flush=True)
         (rd / 'config.json').write_text(json.dumps(asdict(cfg), indent=1, default=str))
 
     random.seed(cfg.seed); np.random.seed(cfg.seed); torch.manual_seed(cfg.seed)

@@ -5,11 +5,11 @@
 # %% auto #0
 __all__ = ['CLI_MODULES', 'build_parser', 'main']
 
-# %% ../nbs/14_cli.ipynb #b0daf0a2
+# %% ../nbs/14_cli.ipynb #58e9938b
 import argparse, importlib, sys
 from .data import ScfsError
 
-# %% ../nbs/14_cli.ipynb #9b478975
+# %% ../nbs/14_cli.ipynb #17c9184c
 CLI_MODULES = ['data', 'train', 'evaluate', 'maps', 'bench']
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         if hasattr(mod, 'add_cli'): mod.add_cli(sub)
     return p
 
-# %% ../nbs/14_cli.ipynb #fd1b1f8b
+# %% ../nbs/14_cli.ipynb #cce1d357
 def main(argv=None) -> int:
     "Entry point of the `scfs` console script. Returns (and exits with) the command's exit code."
     p = build_parser()
@@ -47,3 +47,6 @@ def main(argv=None) -> int:
     rc = 0 if rc is None else int(rc)
     if argv is None: sys.exit(rc)
     return rc
+
+# %% ../nbs/14_cli.ipynb #1d6a12b8
+if __name__ == '__main__': main()

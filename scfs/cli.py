@@ -5,11 +5,11 @@
 # %% auto #0
 __all__ = ['CLI_MODULES', 'build_parser', 'main']
 
-# %% ../nbs/14_cli.ipynb #58e9938b
+# %% ../nbs/14_cli.ipynb #0f473415
 import argparse, importlib, sys
 from .data import ScfsError
 
-# %% ../nbs/14_cli.ipynb #17c9184c
+# %% ../nbs/14_cli.ipynb #808d3911
 CLI_MODULES = ['data', 'train', 'evaluate', 'maps', 'bench']
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         if hasattr(mod, 'add_cli'): mod.add_cli(sub)
     return p
 
-# %% ../nbs/14_cli.ipynb #cce1d357
+# %% ../nbs/14_cli.ipynb #3f4e69a8
 def main(argv=None) -> int:
     "Entry point of the `scfs` console script. Returns (and exits with) the command's exit code."
     p = build_parser()
@@ -48,5 +48,5 @@ def main(argv=None) -> int:
     if argv is None: sys.exit(rc)
     return rc
 
-# %% ../nbs/14_cli.ipynb #1d6a12b8
-if __name__ == '__main__': main()
+# %% ../nbs/14_cli.ipynb #223699c5
+if __name__ == '__main__' and '__file__' in globals(): main()  # a module run with -m, not a notebook

@@ -17,10 +17,10 @@ from .data import ScfsError, quick_mode, ImageDataset, DEFAULT_SCENES, ensure_sc
 from .launch import init_distributed, cleanup_distributed, is_main, is_dist, barrier, all_reduce_mean
 
 # %% auto #0
-__all__ = ['PRESETS', 'Config', 'get_config', 'config_from_dict', 'validate_config', 'cosine_schedule', 'make_schedules',
-           'ResumableSampler', 'SeededDataset', 'save_checkpoint', 'rng_state', 'set_rng_state', 'load_checkpoint',
-           'build_model', 'param_groups', 'build_optimizer', 'clip_gradients', 'cancel_last_layer_grads', 'MetricsLog',
-           'read_metrics', 'plot_loss_curve', 'build_loader', 'train', 'add_cli', 'cli_config']
+__all__ = ['PRESETS', 'Config', 'get_config', 'config_from_dict', 'validate_config', 'make_schedules', 'ResumableSampler',
+           'SeededDataset', 'save_checkpoint', 'rng_state', 'set_rng_state', 'load_checkpoint', 'build_model',
+           'param_groups', 'build_optimizer', 'clip_gradients', 'cancel_last_layer_grads', 'MetricsLog', 'read_metrics',
+           'plot_loss_curve', 'build_loader', 'train', 'add_cli', 'cli_config']
 
 # %% ../nbs/07_train.ipynb #9d57ab16
 @dataclass
@@ -203,16 +203,7 @@ def validate_config(cfg: Config):
     if cfg.search_keys not in ('first', 'both'): bad(f"search_keys must be 'first' or 'both', not {cfg.search_keys!r}")
 
 # %% ../nbs/07_train.ipynb #20ab41bd
-def cosine_schedule(base: float, final: float, epochs: int, niter_per_ep: int, warmup_epochs: int = 0,
-                    start_warmup: float = 0.0) -> np.ndarray:
-    "DINO's per-iteration schedule: linear warm-up from `start_warmup` to `base`, then a half cosine to `final`."
-    warm_iters = warmup_epochs * niter_per_ep
-    warm = np.linspace(start_warmup, base, warm_iters) if warm_iters > 0 else np.array([])
-    iters = np.arange(epochs * niter_per_ep - warm_iters)
-    cos = final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / max(len(iters), 1)))
-    sched = np.concatenate((warm, cos))
-    assert len(sched) == epochs * niter_per_ep
-    return sched
+from .model import cosine_schedule  # DINO's per-iteration warm-up + cosine schedule, defined in 06_model
 
 def make_schedules(cfg: Config, niter_per_ep: int) -> dict:
     "The per-iteration lr (scaled by batch/256), weight-decay and EMA-momentum schedules of `cfg`."

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from .search import search_features
-from .augment import IMAGENET_MEAN, IMAGENET_STD, MultiCrop
+from .augment import IMAGENET_MEAN, IMAGENET_STD, MultiCrop, denormalize as _denormalize
 from .data import ScfsError, make_scene, sample_photos, quick_mode
 
 # %% auto #0
@@ -61,9 +61,8 @@ def normalize_image(img: Image.Image, size: int) -> torch.Tensor:
     return (t - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
 
 def denormalize(t: torch.Tensor) -> np.ndarray:
-    "(3,H,W) normalised tensor -> (H,W,3) float array in [0,1] for `imshow`."
-    x = t.detach().cpu().float() * torch.tensor(IMAGENET_STD)[:, None, None] + torch.tensor(IMAGENET_MEAN)[:, None, None]
-    return x.clamp(0, 1).permute(1, 2, 0).numpy()
+    "(3,H,W) normalised tensor -> (H,W,3) float array in [0,1] for `imshow` (`scfs.augment.denormalize`, channels last)."
+    return _denormalize(t.detach().cpu().float()).permute(1, 2, 0).numpy()
 
 @torch.no_grad()
 def backbone_maps(backbone, x: torch.Tensor) -> dict:

@@ -13,11 +13,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .data import ScfsError, ImageDataset
+from .augment import eval_transform
 from .backbone import build_backbone, MultiLayerBackbone, backbone_state_dict_for_export
 
 # %% auto #0
-__all__ = ['load_backbone', 'extract_features', 'knn_eval', 'knn_classify', 'linear_probe', 'knn_checkpoint', 'linear_checkpoint',
-           'export_backbone', 'add_cli']
+__all__ = ['load_backbone', 'resolve_device', 'extract_features', 'knn_eval', 'knn_classify', 'linear_probe', 'knn_checkpoint',
+           'linear_checkpoint', 'export_backbone', 'add_cli']
 
 # %% ../nbs/08_evaluate.ipynb #d1985506
 def _resolve_ckpt(checkpoint) -> Path:
@@ -56,14 +57,21 @@ def load_backbone(checkpoint=None, which: str = 'teacher', backbone: str = 'smal
     raise ScfsError(f'{p} is neither a scfs checkpoint nor a backbone state_dict')
 
 # %% ../nbs/08_evaluate.ipynb #259c5289
+def resolve_device(device: str = 'auto') -> torch.device:
+    "'auto' -> cuda if available, else mps, else cpu; anything else is passed to `torch.device`."
+    if device in (None, '', 'auto'):
+        if torch.cuda.is_available(): return torch.device('cuda')
+        if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available(): return torch.device('mps')
+        return torch.device('cpu')
+    return torch.device(device)
+
 @torch.no_grad()
 def extract_features(backbone: nn.Module, data, size: int = 224, batch_size: int = 256, device='cpu',
                      workers: int = 0) -> tuple:
     "(L2-normalised pooled features (N, C) float32 on CPU, labels (N,)) of a folder or dataset (items (img, label))."
     if isinstance(data, (str, Path)):
-        from scfs.augment import eval_transform
         data = ImageDataset(data, transform=eval_transform(size))
-    device = torch.device(device)
+    device = resolve_device(device)
     was_training = backbone.training
     backbone.eval().to(device)
     dl = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=workers)
@@ -175,14 +183,10 @@ def _ckpt_arg(args):
     if not args.random and not args.checkpoint: raise ScfsError('give --checkpoint C (or --random for the baseline)')
     return None if args.random else args.checkpoint
 
-def _device(d):
-    from scfs.launch import resolve_device
-    return resolve_device(d)
-
 def _cli_knn(args):
     ks = tuple(int(k) for k in args.ks.split(','))
     r = knn_checkpoint(_ckpt_arg(args), args.train, args.val, size=args.size, k=args.k, T=args.T, ks=ks,
-                       which=args.which, device=_device(args.device), batch_size=args.batch_size, workers=args.workers,
+                       which=args.which, device=resolve_device(args.device), batch_size=args.batch_size, workers=args.workers,
                        backbone=args.backbone, seed=args.seed)
     print(f"kNN top-1 (k={args.k}, T={args.T}, {r['n_train']} train / {r['n_val']} val images, size {r['size']}): {r['acc']:.2f}%")
     print('  ' + ', '.join(f'k={k}: {v:.2f}%' for k, v in r['accs'].items()))
@@ -190,7 +194,7 @@ def _cli_knn(args):
 
 def _cli_linear(args):
     r = linear_checkpoint(_ckpt_arg(args), args.train, args.val, size=args.size, epochs=args.epochs, wd=args.wd,
-                          which=args.which, device=_device(args.device), batch_size=args.batch_size,
+                          which=args.which, device=resolve_device(args.device), batch_size=args.batch_size,
                           workers=args.workers, backbone=args.backbone, seed=args.seed)
     print(f"linear probe top-1 ({r['n_train']} train / {r['n_val']} val images, size {r['size']}): {r['acc']:.2f}%")
     return 0

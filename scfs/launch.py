@@ -4,72 +4,24 @@
 
 # %% ../nbs/09_gpu_pretraining.ipynb #a5974eed
 from __future__ import annotations
-import os, sys, time, json, shlex, datetime
+import os, sys, time, json, shlex
 from pathlib import Path
 import torch
-import torch.distributed as dist
+
+from .data import ensure_scenes
+from .train import get_config, build_model, build_optimizer, clip_gradients, train
 
 # %% auto #0
-__all__ = ['dist_env', 'is_dist', 'get_rank', 'get_world_size', 'is_main', 'barrier', 'resolve_device', 'init_distributed',
-           'cleanup_distributed', 'all_reduce_mean', 'torchrun_command', 'measure_throughput', 'gpu_check']
+__all__ = ['torchrun_command', 'measure_throughput', 'gpu_check', 'dist_env', 'is_dist', 'get_rank', 'get_world_size', 'is_main',
+           'barrier', 'resolve_device', 'init_distributed', 'cleanup_distributed', 'all_reduce_mean']
 
 # %% ../nbs/09_gpu_pretraining.ipynb #e589ed2a
-def dist_env() -> dict:
-    "The torchrun environment of this process: rank, local_rank, world_size (defaults: a single process)."
-    return dict(rank=int(os.environ.get('RANK', 0)), local_rank=int(os.environ.get('LOCAL_RANK', 0)),
-                world_size=int(os.environ.get('WORLD_SIZE', 1)))
-
-def is_dist() -> bool:
-    "True when a `torch.distributed` process group is initialised."
-    return dist.is_available() and dist.is_initialized()
-
-def get_rank() -> int: return dist.get_rank() if is_dist() else 0
-def get_world_size() -> int: return dist.get_world_size() if is_dist() else 1
-def is_main() -> bool:
-    "True on the process that writes files and prints (rank 0, or the only process)."
-    return get_rank() == 0
-
-def barrier():
-    "Wait for every process (no-op when not distributed)."
-    if is_dist(): dist.barrier()
-
-def resolve_device(device: str = 'auto') -> torch.device:
-    "'auto' -> cuda if available, else mps, else cpu; anything else is passed to `torch.device`."
-    if device in (None, '', 'auto'):
-        if torch.cuda.is_available(): return torch.device('cuda')
-        if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available(): return torch.device('mps')
-        return torch.device('cpu')
-    return torch.device(device)
-
-# %% ../nbs/09_gpu_pretraining.ipynb #2b528c8c
-def init_distributed(device: str = 'auto', timeout_min: int = 30) -> tuple:
-    """Initialise DDP when launched by torchrun (WORLD_SIZE > 1): nccl on CUDA, gloo otherwise.
-    Returns (device, rank, world_size, initialised_here)."""
-    env = dist_env()
-    dev = resolve_device(device)
-    if env['world_size'] <= 1 or is_dist():
-        if dev.type == 'cuda' and dev.index is None and is_dist(): dev = torch.device('cuda', env['local_rank'])
-        return dev, get_rank(), get_world_size(), False
-    if dev.type == 'cuda':
-        dev = torch.device('cuda', env['local_rank'])
-        torch.cuda.set_device(dev)
-        backend = 'nccl'
-    else:
-        backend = 'gloo'
-    dist.init_process_group(backend=backend, init_method='env://', timeout=datetime.timedelta(minutes=timeout_min))
-    return dev, dist.get_rank(), dist.get_world_size(), True
-
-def cleanup_distributed():
-    "Destroy the process group if there is one."
-    if is_dist(): dist.destroy_process_group()
-
-def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    "Mean of `x` over all processes (a copy; identity when not distributed)."
-    x = x.detach().clone()
-    if is_dist():
-        dist.all_reduce(x)
-        x /= dist.get_world_size()
-    return x
+# re-exports (see above): defined in scfs.train and scfs.evaluate, which never import scfs.launch
+from .evaluate import resolve_device
+from .train import (dist_env, is_dist, get_rank, get_world_size, is_main, barrier, init_distributed,
+                        cleanup_distributed, all_reduce_mean)
+_all_ = ['dist_env', 'is_dist', 'get_rank', 'get_world_size', 'is_main', 'barrier', 'resolve_device',
+         'init_distributed', 'cleanup_distributed', 'all_reduce_mean']
 
 # %% ../nbs/09_gpu_pretraining.ipynb #e0e3095e
 def torchrun_command(args: str = 'pretrain --preset resnet50-imagenet', nproc_per_node: int = 8, nnodes: int = 1,
@@ -88,7 +40,6 @@ def torchrun_command(args: str = 'pretrain --preset resnet50-imagenet', nproc_pe
 def measure_throughput(preset: str = 'resnet18', device: str = 'auto', batch_size: int | None = None, steps: int = 10,
                        warmup: int = 3, **overrides) -> dict:
     "Images/s of full training steps of `preset` on synthetic multi-crop batches (+ peak CUDA memory)."
-    from scfs.train import get_config, build_model, build_optimizer, clip_gradients, cancel_last_layer_grads
     cfg = get_config(preset, **overrides)
     dev = resolve_device(device)
     B = batch_size or cfg.batch_size
@@ -124,8 +75,6 @@ def measure_throughput(preset: str = 'resnet18', device: str = 'auto', batch_siz
 def gpu_check(out: str = 'runs/gpu-check', epochs: int = 2, n_train: int = 5000, batch_sizes=(64, 128)) -> dict:
     "Throughput + a short real resnet18 pretraining on CUDA; prints and writes out/gpu_check.json."
     if not torch.cuda.is_available(): raise RuntimeError('gpu_check needs a CUDA device')
-    from scfs.train import get_config, train
-    from scfs.data import ensure_scenes
     outp = Path(out); outp.mkdir(parents=True, exist_ok=True)
     res = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, throughput=[])
     print('device:', res['device'], '| torch', torch.__version__, flush=True)

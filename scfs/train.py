@@ -4,23 +4,29 @@
 
 # %% ../nbs/07_train.ipynb #e08914c4
 from __future__ import annotations
-import os, sys, json, math, time, random, shutil, signal, difflib, warnings
+import os, sys, json, math, time, random, shutil, signal, difflib, warnings, datetime
 from dataclasses import dataclass, field, asdict, fields
 from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
 from .data import ScfsError, quick_mode, ImageDataset, DEFAULT_SCENES, ensure_scenes
-from .launch import init_distributed, cleanup_distributed, is_main, is_dist, barrier, all_reduce_mean
+from .augment import MultiCrop, multicrop_collate
+from .backbone import build_backbone
+from .model import SCFS
+from .evaluate import resolve_device, knn_checkpoint
 
 # %% auto #0
 __all__ = ['PRESETS', 'Config', 'get_config', 'config_from_dict', 'validate_config', 'make_schedules', 'ResumableSampler',
            'SeededDataset', 'save_checkpoint', 'rng_state', 'set_rng_state', 'load_checkpoint', 'build_model',
            'param_groups', 'build_optimizer', 'clip_gradients', 'cancel_last_layer_grads', 'MetricsLog', 'read_metrics',
-           'plot_loss_curve', 'build_loader', 'train', 'add_cli', 'cli_config']
+           'plot_loss_curve', 'dist_env', 'is_dist', 'get_rank', 'get_world_size', 'is_main', 'barrier',
+           'init_distributed', 'cleanup_distributed', 'all_reduce_mean', 'build_loader', 'train', 'add_cli',
+           'cli_config']
 
 # %% ../nbs/07_train.ipynb #9d57ab16
 @dataclass
@@ -267,7 +273,6 @@ def load_checkpoint(path, map_location='cpu') -> dict:
 # %% ../nbs/07_train.ipynb #549bc909
 def build_model(cfg: Config) -> nn.Module:
     "The `SCFS` student/teacher model described by `cfg`."
-    from scfs.model import SCFS
     kw = dict(backbone=cfg.backbone, method=cfg.method, n_local=cfg.n_local, out_dim=cfg.out_dim,
               head_hidden=cfg.head_hidden, head_bottleneck=cfg.head_bottleneck, head_bn=cfg.head_bn,
               norm_last_layer=cfg.norm_last_layer, search_layers=tuple(cfg.search_layers),
@@ -276,7 +281,6 @@ def build_model(cfg: Config) -> nn.Module:
               warmup_teacher_temp_epochs=cfg.warmup_teacher_temp_epochs, epochs=cfg.epochs,
               student_temp=cfg.student_temp, center_momentum=cfg.center_momentum)
     if cfg.backbone_kw:
-        from scfs.backbone import build_backbone
         kw['backbone'] = build_backbone(cfg.backbone, **cfg.backbone_kw)
     return SCFS(**kw)
 
@@ -348,6 +352,56 @@ def plot_loss_curve(run_dir, out=None, show: bool = False):
     if show: plt.show()
     else: plt.close(fig)
 
+# %% ../nbs/07_train.ipynb #9203953e
+def dist_env() -> dict:
+    "The torchrun environment of this process: rank, local_rank, world_size (defaults: a single process)."
+    return dict(rank=int(os.environ.get('RANK', 0)), local_rank=int(os.environ.get('LOCAL_RANK', 0)),
+                world_size=int(os.environ.get('WORLD_SIZE', 1)))
+
+def is_dist() -> bool:
+    "True when a `torch.distributed` process group is initialised."
+    return dist.is_available() and dist.is_initialized()
+
+def get_rank() -> int: return dist.get_rank() if is_dist() else 0
+def get_world_size() -> int: return dist.get_world_size() if is_dist() else 1
+def is_main() -> bool:
+    "True on the process that writes files and prints (rank 0, or the only process)."
+    return get_rank() == 0
+
+def barrier():
+    "Wait for every process (no-op when not distributed)."
+    if is_dist(): dist.barrier()
+
+# %% ../nbs/07_train.ipynb #2e36dc53
+def init_distributed(device: str = 'auto', timeout_min: int = 30) -> tuple:
+    """Initialise DDP when launched by torchrun (WORLD_SIZE > 1): nccl on CUDA, gloo otherwise.
+    Returns (device, rank, world_size, initialised_here)."""
+    env = dist_env()
+    dev = resolve_device(device)
+    if env['world_size'] <= 1 or is_dist():
+        if dev.type == 'cuda' and dev.index is None and is_dist(): dev = torch.device('cuda', env['local_rank'])
+        return dev, get_rank(), get_world_size(), False
+    if dev.type == 'cuda':
+        dev = torch.device('cuda', env['local_rank'])
+        torch.cuda.set_device(dev)
+        backend = 'nccl'
+    else:
+        backend = 'gloo'
+    dist.init_process_group(backend=backend, init_method='env://', timeout=datetime.timedelta(minutes=timeout_min))
+    return dev, dist.get_rank(), dist.get_world_size(), True
+
+def cleanup_distributed():
+    "Destroy the process group if there is one."
+    if is_dist(): dist.destroy_process_group()
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    "Mean of `x` over all processes (a copy; identity when not distributed)."
+    x = x.detach().clone()
+    if is_dist():
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x
+
 # %% ../nbs/07_train.ipynb #89014044
 _RUNTIME = {'out', 'device', 'workers', 'threads', 'progress', 'tensorboard', 'eval', 'eval_random', 'eval_size',
             'knn_k', 'knn_T', 'knn_train', 'knn_val', 'resume', 'force', 'save_every', 'save_every_iters',
@@ -387,7 +441,6 @@ def _resolve_data(cfg: Config) -> tuple:
 
 def build_loader(cfg: Config, train_dir, world: int = 1, rank: int = 0):
     "(SeededDataset, ResumableSampler, DataLoader) for multi-crop pretraining on `train_dir`."
-    from scfs.augment import MultiCrop, multicrop_collate
     if cfg.batch_size % world: raise ScfsError(f'batch_size {cfg.batch_size} is not divisible by {world} processes')
     mc = MultiCrop(global_size=cfg.global_size, local_size=cfg.local_size, n_local=cfg.n_local,
                    global_scale=tuple(cfg.global_scale), local_scale=tuple(cfg.local_scale), photometric=cfg.photometric)
@@ -553,7 +606,6 @@ def _train(cfg, device, rank, world):
     if main and cfg.eval and (knn_train is None or knn_val is None):
         print(f'no labelled train/test folders next to {cfg.data}: skipping the kNN (set knn_train=DIR knn_val=DIR)')
     if main and cfg.eval and knn_train is not None and knn_val is not None:
-        from scfs.evaluate import knn_checkpoint
         ev = dict(size=cfg.eval_size, k=cfg.knn_k, T=cfg.knn_T, device=device, workers=cfg.workers)
         r = knn_checkpoint(ck_path, knn_train, knn_val, **ev)
         res['knn'], res['knn_all'] = r['acc'], r['accs']

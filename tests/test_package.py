@@ -1,4 +1,5 @@
-"""Package-wide rules: what exported modules may import, and that importing scfs pulls in no dev tooling."""
+"""Package-wide rules: what exported modules may import, that `scfs` modules import each other without cycles,
+and that importing scfs pulls in no dev tooling."""
 import ast, pathlib, subprocess, sys
 import pytest
 
@@ -36,3 +37,52 @@ def test_import_pulls_no_dev_tooling():
             'print(bad); sys.exit(1 if bad else 0)')
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+def scfs_imports(path, package='scfs') -> set:
+    "The `scfs` modules that `path` imports, at any depth (top level and inside functions), relative or absolute."
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name.split('.')[1] for a in node.names if a.name.startswith(package + '.')}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 1:                          # from .x import y / from . import x
+                out |= {node.module.split('.')[0]} if node.module else {a.name for a in node.names}
+            elif node.level == 0 and node.module and node.module.split('.')[0] == package:
+                mod = node.module.split('.')
+                out |= {mod[1]} if len(mod) > 1 else {a.name for a in node.names}   # from scfs import train
+    return out
+
+def import_graph(pkg=PKG) -> dict:
+    "{module: set of scfs modules it imports} for every module of the package (the package itself excluded)."
+    mods = {p.stem: p for p in pkg.glob('*.py') if p.name not in ('__init__.py', '_modidx.py')}
+    return {m: {d for d in scfs_imports(p, pkg.name) if d in mods and d != m} for m, p in mods.items()}
+
+def find_cycle(graph: dict):
+    "One import cycle of `graph` as a list [a, b, ..., a], or None if the graph is acyclic (depth-first search)."
+    state, stack = {}, []
+    def visit(m):
+        state[m] = 'open'; stack.append(m)
+        for d in sorted(graph.get(m, ())):
+            if state.get(d) == 'open': return stack[stack.index(d):] + [d]
+            if d not in state and (c := visit(d)): return c
+        state[m] = 'done'; stack.pop()
+    for m in sorted(graph):
+        if m not in state and (c := visit(m)): return c
+    return None
+
+def test_no_import_cycles():
+    c = find_cycle(import_graph())
+    assert c is None, 'import cycle between scfs modules: ' + ' -> '.join(c)
+
+def test_cycle_check_can_fail(tmp_path):
+    pkg = tmp_path / 'scfs'; pkg.mkdir()
+    (pkg / '__init__.py').write_text('')
+    (pkg / 'a.py').write_text('from .b import f\n')
+    (pkg / 'b.py').write_text('def f():\n    import scfs.c\n')                   # a function-local import
+    (pkg / 'c.py').write_text('import torch\ndef g():\n    from scfs.a import h\n')
+    (pkg / 'd.py').write_text('from . import a\nfrom scfs import c\n')
+    g = import_graph(pkg)
+    assert g == {'a': {'b'}, 'b': {'c'}, 'c': {'a'}, 'd': {'a', 'c'}}
+    assert find_cycle(g) == ['a', 'b', 'c', 'a']
+    (pkg / 'c.py').write_text('import torch\n')
+    assert find_cycle(import_graph(pkg)) is None

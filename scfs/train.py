@@ -25,8 +25,9 @@ __all__ = ['PRESETS', 'Config', 'get_config', 'config_from_dict', 'validate_conf
            'SeededDataset', 'save_checkpoint', 'rng_state', 'set_rng_state', 'load_checkpoint', 'build_model',
            'param_groups', 'build_optimizer', 'clip_gradients', 'cancel_last_layer_grads', 'MetricsLog', 'read_metrics',
            'plot_loss_curve', 'dist_env', 'is_dist', 'get_rank', 'get_world_size', 'is_main', 'barrier',
-           'init_distributed', 'cleanup_distributed', 'all_reduce_mean', 'build_loader', 'train', 'add_cli',
-           'cli_config']
+           'init_distributed', 'cleanup_distributed', 'all_reduce_mean', 'build_loader', 'TrainingRun', 'setup_run',
+           'checkpoint_state', 'restore_state', 'end_epoch', 'step_record', 'train_one_epoch', 'train', 'finish_run',
+           'final_knn', 'add_cli', 'cli_config']
 
 # %% ../nbs/07_train.ipynb #9d57ab16
 @dataclass
@@ -333,7 +334,7 @@ class MetricsLog:
         keep = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get('step', -1) < done_steps]
         self.path.write_text(''.join(l + '\n' for l in keep))
     def close(self):
-        if self.tb is not None: self.tb.close()
+        if self.tb is not None: self.tb.close(); self.tb = None
 
 def read_metrics(run_dir, type: str = 'step') -> list:
     "The records of `run_dir/metrics.jsonl` of one type ('step' or 'epoch')."
@@ -457,23 +458,37 @@ def build_loader(cfg: Config, train_dir, world: int = 1, rank: int = 0):
                     drop_last=True, pin_memory=torch.cuda.is_available())
     return sds, sampler, dl
 
-# %% ../nbs/07_train.ipynb #dec0e0e3
-def _debug_env(name):
-    v = os.environ.get(name)
-    return int(v) if v not in (None, '') else None
+# %% ../nbs/07_train.ipynb #cbb0d113
+@dataclass
+class TrainingRun:
+    "What `train_one_epoch`, `checkpoint_state` and `end_epoch` share; built once by `setup_run`."
+    cfg: Config
+    device: torch.device
+    world: int                          # number of processes
+    run_dir: Path
+    model: nn.Module                    # `SCFS`: student, teacher and losses
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler        # enabled for fp16 only
+    sds: SeededDataset
+    sampler: ResumableSampler
+    loader: DataLoader
+    niter: int                          # iterations per epoch
+    sched: dict                         # per-iteration lr, wd, momentum
+    autocast: torch.autocast
+    channels_last: bool
+    knn_train: Path | None = None       # labelled folders of the final kNN
+    knn_val: Path | None = None
+    log: MetricsLog | None = None       # main process only
+    start_epoch: int = 0                # where a resumed run continues
+    start_it: int = 0
 
-def train(cfg: Config) -> dict:
-    """Pretrain with `cfg` on CPU, one GPU or under torchrun. Returns dict(run_dir, knn, random_knn, knn_all,
-    history (per-epoch records), epoch_time (mean seconds per epoch), time)."""
-    validate_config(cfg)
-    device, rank, world, mine = init_distributed(cfg.device)
-    try: return _train(cfg, device, rank, world)
-    finally:
-        if mine: cleanup_distributed()
+    @property
+    def main(self) -> bool: return is_main()
+    @property
+    def ck_path(self) -> Path: return self.run_dir / 'checkpoint_last.pth'
 
-def _train(cfg, device, rank, world):
-    t_start = time.time()
-    main = is_main()
+def _runtime_settings(cfg: Config, device: torch.device, world: int) -> tuple:
+    "(amp, channels_last, sync_bn) for this device; also sets the thread count and cuDNN's determinism."
     if cfg.threads: torch.set_num_threads(cfg.threads)
     cuda = device.type == 'cuda'
     amp = {'auto': 'bf16' if cuda else 'off'}.get(cfg.amp, cfg.amp)
@@ -484,22 +499,28 @@ def _train(cfg, device, rank, world):
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     elif cuda: torch.backends.cudnn.benchmark = True
+    return amp, channels_last, sync_bn
 
+def _resume_checkpoint(cfg: Config, rd: Path, world: int) -> dict:
+    "The run's checkpoint_last.pth, after checking that continuing it with `cfg` on `world` processes is the same run."
+    ckpt = load_checkpoint(rd / 'checkpoint_last.pth')
+    old, new = ckpt['config'], asdict(cfg)
+    diff = [k for k in old if k not in _RUNTIME and k in _NAMES and old[k] != new[k]
+            and not (isinstance(old[k], list) and tuple(old[k]) == tuple(new[k]))]
+    if diff: raise ScfsError(f'cannot resume {rd} with a different config: ' +
+                             ', '.join(f'{k}={new[k]!r} (was {old[k]!r})' for k in diff))
+    if ckpt.get('world_size', 1) != world and ckpt['iteration'] > 0:
+        raise ScfsError(f"checkpoint was saved mid-epoch with {ckpt.get('world_size', 1)} processes; resume with the same number")
+    return ckpt
+
+# %% ../nbs/07_train.ipynb #a949e870
+def setup_run(cfg: Config, device: torch.device, rank: int = 0, world: int = 1) -> TrainingRun:
+    "Everything before the first step: run folder, resume checkpoint, data, model, optimizer, schedules, metrics log."
+    amp, channels_last, sync_bn = _runtime_settings(cfg, device, world)
     rd = _prepare_run_dir(cfg)
-    ck_path = rd / 'checkpoint_last.pth'
-    ckpt = None
-    if cfg.resume:
-        ckpt = load_checkpoint(ck_path)
-        old = ckpt['config']
-        diff = [k for k in old if k not in _RUNTIME and k in _NAMES and old[k] != asdict(cfg)[k]
-                and not (isinstance(old[k], list) and tuple(old[k]) == tuple(asdict(cfg)[k]))]
-        if diff: raise ScfsError(f'cannot resume {rd} with a different config: ' +
-                                 ', '.join(f'{k}={asdict(cfg)[k]!r} (was {old[k]!r})' for k in diff))
-        if ckpt.get('world_size', 1) != world and ckpt['iteration'] > 0:
-            raise ScfsError(f"checkpoint was saved mid-epoch with {ckpt.get('world_size', 1)} processes; resume with the same number")
-
+    ckpt = _resume_checkpoint(cfg, rd, world) if cfg.resume else None
     train_dir, knn_train, knn_val = _resolve_data(cfg)
-    if main:
+    if is_main():
         print(f'scfs pretrain: preset {cfg.preset!r}, method {cfg.method!r}, device {device}, {world} process(es), amp {amp}')
         print('config:', json.dumps(asdict(cfg), default=str), flush=True)
         (rd / 'config.json').write_text(json.dumps(asdict(cfg), indent=1, default=str))
@@ -508,60 +529,89 @@ def _train(cfg, device, rank, world):
     sds, sampler, loader = build_loader(cfg, train_dir, world, rank)
     niter = sampler.num_samples // (cfg.batch_size // world)
     if cfg.max_iters: niter = min(niter, cfg.max_iters)
-    sched = make_schedules(cfg, niter)
-
     model = build_model(cfg).to(device)
-    if sync_bn:
-        model.sync_batchnorm()
+    if sync_bn: model.sync_batchnorm()
     if channels_last: model = model.to(memory_format=torch.channels_last)
-    opt = build_optimizer(cfg, model)
-    scaler = torch.amp.GradScaler('cuda', enabled=(amp == 'fp16'))
-    start_epoch, start_it = 0, 0
+    run = TrainingRun(cfg=cfg, device=device, world=world, run_dir=rd, model=model, opt=build_optimizer(cfg, model),
+                      scaler=torch.amp.GradScaler('cuda', enabled=(amp == 'fp16')), sds=sds, sampler=sampler,
+                      loader=loader, niter=niter, sched=make_schedules(cfg, niter),
+                      autocast=torch.autocast(device_type=device.type, enabled=amp != 'off',
+                                              dtype=torch.float16 if amp == 'fp16' else torch.bfloat16),
+                      channels_last=channels_last, knn_train=knn_train, knn_val=knn_val)
     if ckpt is not None:
-        model.load_state_dict(ckpt['model'], strict=True)
-        opt.load_state_dict(ckpt['optimizer'])
-        if ckpt.get('scaler'): scaler.load_state_dict(ckpt['scaler'])
-        start_epoch, start_it = ckpt['epoch'], ckpt['iteration']
-        set_rng_state(ckpt['rng'])
-        if main: print(f'resumed from {ck_path}: epoch {start_epoch}, iteration {start_it}')
-    if world > 1: model.distribute(**(dict(device_ids=[device.index]) if cuda else {}))
+        restore_state(run, ckpt)
+        if run.main: print(f'resumed from {run.ck_path}: epoch {run.start_epoch}, iteration {run.start_it}')
+    if world > 1: model.distribute(**(dict(device_ids=[device.index]) if device.type == 'cuda' else {}))
+    if run.main:
+        run.log = MetricsLog(rd / 'metrics.jsonl', cfg.tensorboard)
+        if ckpt is not None: run.log.truncate(run.start_epoch * niter + run.start_it)
+    return run
 
-    log = MetricsLog(rd / 'metrics.jsonl', cfg.tensorboard) if main else None
-    if main and ckpt is not None: log.truncate(start_epoch * niter + start_it)
-    autocast = torch.autocast(device_type=device.type, dtype=torch.float16 if amp == 'fp16' else torch.bfloat16,
-                              enabled=amp != 'off')
+# %% ../nbs/07_train.ipynb #4d7fce82
+def checkpoint_state(run: TrainingRun, epoch: int, it: int) -> dict:
+    "Everything needed to continue `run` bit for bit from iteration `it` of `epoch` (`it=0`: the start of `epoch`)."
+    return dict(config=asdict(run.cfg), preset=run.cfg.preset, model=run.model.state_dict(),
+                optimizer=run.opt.state_dict(), scaler=run.scaler.state_dict() if run.scaler.is_enabled() else None,
+                epoch=epoch, iteration=it, niter_per_epoch=run.niter, world_size=run.world, rng=rng_state(),
+                time=time.time())
+
+def restore_state(run: TrainingRun, ckpt: dict):
+    "The inverse of `checkpoint_state`: model, optimizer, scaler and RNG states, and where the run continues."
+    run.model.load_state_dict(ckpt['model'], strict=True)
+    run.opt.load_state_dict(ckpt['optimizer'])
+    if ckpt.get('scaler'): run.scaler.load_state_dict(ckpt['scaler'])
+    run.start_epoch, run.start_it = ckpt['epoch'], ckpt['iteration']
+    set_rng_state(ckpt['rng'])
+
+def end_epoch(run: TrainingRun, epoch: int, stats: dict):
+    "Main process, after each epoch: the epoch's metrics line, checkpoint_last.pth (+ a numbered copy), the loss curve."
+    rec = dict(type='epoch', epoch=epoch, step=(epoch + 1) * run.niter - 1, **stats)
+    run.log.log(rec)
+    save_checkpoint(checkpoint_state(run, epoch + 1, 0), run.ck_path)
+    if run.cfg.save_every and (epoch + 1) % run.cfg.save_every == 0:
+        shutil.copyfile(run.ck_path, run.run_dir / f'checkpoint_{epoch + 1:04d}.pth')
+    plot_loss_curve(run.run_dir)
+    print(f"epoch {epoch + 1}/{run.cfg.epochs}: loss {rec.get('loss', float('nan')):.4f}, {stats['time']:.1f} s")
+
+# %% ../nbs/07_train.ipynb #460d039f
+_POSITION = ('type', 'epoch', 'iter', 'step')     # fields of a step record that are not averaged over the epoch
+
+def step_record(out: dict, loss: float, sched: dict, epoch: int, i: int, it: int) -> dict:
+    "The metrics line of global step `it` (iteration `i` of `epoch`): loss, schedules, every scalar of the model's output."
+    rec = dict(type='step', epoch=epoch, iter=i, step=it, loss=loss, lr=float(sched['lr'][it]),
+               wd=float(sched['wd'][it]), momentum=float(sched['momentum'][it]))
+    for k, v in out.items():
+        if k != 'loss' and torch.is_tensor(v) and v.numel() == 1: rec[k] = float(v)
+    return rec
+
+def _debug_env(name):
+    v = os.environ.get(name)
+    return int(v) if v not in (None, '') else None
+
+def train_one_epoch(run: TrainingRun, epoch: int, start_it: int = 0) -> dict:
+    "The steps of `epoch` from iteration `start_it`; returns dict(iters, and the epoch mean of every step scalar)."
+    cfg, model, opt, scaler, sched, niter = run.cfg, run.model, run.opt, run.scaler, run.sched, run.niter
     kill_at, nan_at = _debug_env('SCFS_DEBUG_KILL_AT_STEP'), _debug_env('SCFS_DEBUG_NAN_AT_STEP')
-
-    def state(epoch, it):
-        return dict(config=asdict(cfg), preset=cfg.preset, model=model.state_dict(), optimizer=opt.state_dict(),
-                    scaler=scaler.state_dict() if scaler.is_enabled() else None, epoch=epoch, iteration=it,
-                    niter_per_epoch=niter, world_size=world, rng=rng_state(), time=time.time())
-
-    epoch_times = []
-    model.train()
-    for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.time()
-        sds.epoch = epoch; sampler.set_epoch(epoch); sampler.start = start_it * (cfg.batch_size // world)
-        sums, n = {}, 0
-        bar = tqdm(total=niter, initial=start_it, desc=f'epoch {epoch + 1}/{cfg.epochs}', disable=not (main and cfg.progress),
-                   file=sys.stdout, dynamic_ncols=True, leave=True)
-        for i, batch in enumerate(loader, start=start_it):
+    run.sds.epoch = epoch; run.sampler.set_epoch(epoch); run.sampler.start = start_it * (cfg.batch_size // run.world)
+    sums, n = {}, 0
+    bar = tqdm(total=niter, initial=start_it, desc=f'epoch {epoch + 1}/{cfg.epochs}', file=sys.stdout,
+               disable=not (run.main and cfg.progress), dynamic_ncols=True, leave=True)
+    try:
+        for i, batch in enumerate(run.loader, start=start_it):
             if i >= niter: break
-            it = epoch * niter + i
+            it = epoch * niter + i                                      # global step: indexes the schedules
             for j, g in enumerate(opt.param_groups):
                 g['lr'] = float(sched['lr'][it])
-                if j == 0: g['weight_decay'] = float(sched['wd'][it])
-            crops = [c.to(device, non_blocking=True) for c in batch['crops']]
-            if channels_last: crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
-            with autocast: out = model(crops, epoch)
+                if j == 0: g['weight_decay'] = float(sched['wd'][it])   # group 1 (biases, norms): no decay
+            crops = [c.to(run.device, non_blocking=True) for c in batch['crops']]
+            if run.channels_last: crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
+            with run.autocast: out = model(crops, epoch)                # teacher + student forward, all losses
             loss = out['loss']
             if nan_at is not None and it == nan_at: loss = loss * float('nan')
             lv = float(all_reduce_mean(loss.float()))
             if not math.isfinite(lv):
-                bar.close()
-                if log: log.close()
-                raise ScfsError(f'loss is {lv} at step {it} (epoch {epoch}, iteration {i}); stopping. '
-                                f'The last good checkpoint is {ck_path}' + ('' if ck_path.exists() else ' (none saved yet)') +
+                raise ScfsError(f'loss is {lv} at step {it} (epoch {epoch}, iteration {i}); stopping. The last good '
+                                f'checkpoint is {run.ck_path}' + ('' if run.ck_path.exists() else ' (none saved yet)') +
                                 '; try a lower lr or clip_grad')
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -570,56 +620,73 @@ def _train(cfg, device, rank, world):
                 clip_gradients(model.student, cfg.clip_grad)
             cancel_last_layer_grads(epoch, model.student, cfg.freeze_last_layer)
             scaler.step(opt); scaler.update()
-            model.update_teacher(float(sched['momentum'][it]))
-            rec = dict(type='step', epoch=epoch, iter=i, step=it, loss=lv, lr=float(sched['lr'][it]),
-                       wd=float(sched['wd'][it]), momentum=float(sched['momentum'][it]))
-            for k, v in out.items():
-                if k != 'loss' and torch.is_tensor(v) and v.numel() == 1: rec[k] = float(v)
+            model.update_teacher(float(sched['momentum'][it]))        # teacher EMA
+            rec = step_record(out, lv, sched, epoch, i, it)
             for k, v in rec.items():
-                if k not in ('type', 'epoch', 'iter', 'step'): sums[k] = sums.get(k, 0.0) + v
+                if k not in _POSITION: sums[k] = sums.get(k, 0.0) + v
             n += 1
-            if main:
-                log.log(rec)
+            if run.main:
+                run.log.log(rec)
                 bar.set_postfix(loss=f'{lv:.4f}', lr=f"{rec['lr']:.2e}"); bar.update(1)
             if cfg.save_every_iters and (i + 1) % cfg.save_every_iters == 0 and i + 1 < niter:
-                if main: save_checkpoint(state(epoch, i + 1), ck_path)
+                if run.main: save_checkpoint(checkpoint_state(run, epoch, i + 1), run.ck_path)
                 barrier()
             if kill_at is not None and it == kill_at: os.kill(os.getpid(), signal.SIGKILL)
-        bar.close()
-        dt = time.time() - t0
-        epoch_times.append(dt)
-        if main:
-            erec = dict(type='epoch', epoch=epoch, step=(epoch + 1) * niter - 1, time=dt, iters=n,
-                        **{k: v / max(n, 1) for k, v in sums.items()})
-            log.log(erec)
-            save_checkpoint(state(epoch + 1, 0), ck_path)
-            if cfg.save_every and (epoch + 1) % cfg.save_every == 0:
-                shutil.copyfile(ck_path, rd / f'checkpoint_{epoch + 1:04d}.pth')
-            plot_loss_curve(rd)
-            print(f"epoch {epoch + 1}/{cfg.epochs}: loss {erec.get('loss', float('nan')):.4f}, {dt:.1f} s")
-        barrier()
-        start_it = 0
-    if log: log.close()
+    finally: bar.close()
+    return dict(iters=n, **{k: v / max(n, 1) for k, v in sums.items()})
 
+# %% ../nbs/07_train.ipynb #dec0e0e3
+def train(cfg: Config) -> dict:
+    """Pretrain with `cfg` on CPU, one GPU or under torchrun. Returns dict(run_dir, knn, random_knn, knn_all,
+    history (per-epoch records), epoch_time (mean seconds per epoch), time)."""
+    validate_config(cfg)
+    device, rank, world, mine = init_distributed(cfg.device)
+    t_start, run = time.time(), None
+    try:
+        run = setup_run(cfg, device, rank, world)
+        start_it, epoch_times = run.start_it, []
+        run.model.train()
+        for epoch in range(run.start_epoch, cfg.epochs):
+            t0 = time.time()
+            stats = train_one_epoch(run, epoch, start_it)
+            stats = dict(time=time.time() - t0, **stats)
+            epoch_times.append(stats['time'])
+            # per-epoch evaluation goes here (add its numbers to `stats`): before the checkpoint, which stores the RNG
+            if run.main: end_epoch(run, epoch, stats)
+            barrier()
+            start_it = 0
+        return finish_run(run, epoch_times, t_start)
+    finally:
+        if run is not None and run.log is not None: run.log.close()
+        if mine: cleanup_distributed()
+
+def finish_run(run: TrainingRun, epoch_times: list, t_start: float) -> dict:
+    "After the last epoch: the final kNN (main process), results.json and a summary line."
+    cfg, rd, main = run.cfg, run.run_dir, run.main
     res = dict(run_dir=rd, knn=None, random_knn=None, knn_all=None, history=read_metrics(rd, 'epoch') if main else [],
                epoch_time=float(np.mean(epoch_times)) if epoch_times else None)
-    if main and cfg.eval and (knn_train is None or knn_val is None):
-        print(f'no labelled train/test folders next to {cfg.data}: skipping the kNN (set knn_train=DIR knn_val=DIR)')
-    if main and cfg.eval and knn_train is not None and knn_val is not None:
-        ev = dict(size=cfg.eval_size, k=cfg.knn_k, T=cfg.knn_T, device=device, workers=cfg.workers)
-        r = knn_checkpoint(ck_path, knn_train, knn_val, **ev)
-        res['knn'], res['knn_all'] = r['acc'], r['accs']
-        if cfg.eval_random:
-            rr = knn_checkpoint(None, knn_train, knn_val, backbone=cfg.backbone, backbone_kw=cfg.backbone_kw,
-                                seed=cfg.seed, **ev)
-            res['random_knn'] = rr['acc']
-        print(f"kNN top-1 on {knn_val} (k={cfg.knn_k}, T={cfg.knn_T}): trained teacher {res['knn']:.2f}%"
-              + (f" | random-init backbone {res['random_knn']:.2f}%" if res['random_knn'] is not None else ''))
+    if main and cfg.eval: res.update(final_knn(run))
     res['time'] = time.time() - t_start
     if main:
         (rd / 'results.json').write_text(json.dumps({k: (str(v) if isinstance(v, Path) else v)
                                                      for k, v in res.items() if k != 'history'}, indent=1))
         print(f"run folder: {rd} ({res['time']:.0f} s, {res['epoch_time'] or 0:.1f} s/epoch)")
+    return res
+
+def final_knn(run: TrainingRun) -> dict:
+    "kNN top-1 of the final teacher and (with `eval_random`) of a random-init backbone: dict(knn, knn_all, random_knn)."
+    cfg, ktr, kva = run.cfg, run.knn_train, run.knn_val
+    if ktr is None or kva is None:
+        print(f'no labelled train/test folders next to {cfg.data}: skipping the kNN (set knn_train=DIR knn_val=DIR)')
+        return {}
+    ev = dict(size=cfg.eval_size, k=cfg.knn_k, T=cfg.knn_T, device=run.device, workers=cfg.workers)
+    r = knn_checkpoint(run.ck_path, ktr, kva, **ev)
+    res = dict(knn=r['acc'], knn_all=r['accs'], random_knn=None)
+    if cfg.eval_random:
+        res['random_knn'] = knn_checkpoint(None, ktr, kva, backbone=cfg.backbone, backbone_kw=cfg.backbone_kw,
+                                           seed=cfg.seed, **ev)['acc']
+    print(f"kNN top-1 on {kva} (k={cfg.knn_k}, T={cfg.knn_T}): trained teacher {res['knn']:.2f}%"
+          + (f" | random-init backbone {res['random_knn']:.2f}%" if res['random_knn'] is not None else ''))
     return res
 
 # %% ../nbs/07_train.ipynb #ff968015

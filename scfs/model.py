@@ -147,7 +147,7 @@ class SCFS(nn.Module):
 
     def forward(self, crops, epoch: int = 0) -> dict:
         """`crops`: list of (B, 3, s, s) tensors, 2 global views (same size) then the local crops (same size).
-        Returns dict(loss, dino, per search layer l: f'{l}/global', f'{l}/local', f'{l}' (its weighted-in term),
+        Returns dict(loss, dino, the DINO loss's collapse diagnostics (`teacher_stats`), per search layer l: f'{l}/global', f'{l}/local', f'{l}' (its weighted-in term),
         maps={l: (V*n*B, H, W) search maps, detached}); all terms but 'loss' are detached."""
         if len(crops) < 2: raise ValueError("need at least the 2 global views")
         globals_ = torch.cat(crops[:2])
@@ -158,7 +158,7 @@ class SCFS(nn.Module):
             tg = self.teacher["backbone"](globals_)
             t_head = self.teacher["head"](tg["pooled"])
         dino = self.losses["dino"](s["head"], t_head, epoch)
-        out = {"dino": dino.detach()}
+        out = {"dino": dino.detach(), **self.losses["dino"].stats}     # + teacher_entropy, teacher_kl_uniform, ...
         total, maps = dino, {}
         if self.search_layers and n_local == 0: raise ValueError("method 'scfs' needs local crops")
         for l in self.search_layers:

@@ -22,7 +22,9 @@ def test_forward_keys_total_and_maps():
     m = _model()
     out = m(_crops(), epoch=0)
     layers = ("layer2", "layer3", "layer4")
-    assert set(out) == {"loss", "dino", "maps"} | {f"{l}{t}" for l in layers for t in ("", "/global", "/local")}
+    diag = {"teacher_entropy", "teacher_kl_uniform", "teacher_student_kl"}     # collapse diagnostics (05_losses)
+    assert set(out) == {"loss", "dino", "maps"} | diag | {f"{l}{t}" for l in layers for t in ("", "/global", "/local")}
+    torch.testing.assert_close(out["teacher_student_kl"] + out["teacher_entropy"], out["dino"])
     torch.testing.assert_close(out["loss"].detach(), out["dino"] + sum(out[l] for l in layers))
     for l in layers:
         torch.testing.assert_close(out[l], 0.5 * (out[f"{l}/global"] + out[f"{l}/local"]))
@@ -53,7 +55,7 @@ def test_dino_vs_scfs_same_dino_term_and_no_layer_heads():
     d, s = _model("dino", seed=5), _model("scfs", seed=5)
     od, os_ = d(_crops()), s(_crops())
     torch.testing.assert_close(od["dino"], os_["dino"])
-    assert od["maps"] == {} and set(od) == {"loss", "dino", "maps"}
+    assert od["maps"] == {} and set(od) == {"loss", "dino", "maps", "teacher_entropy", "teacher_kl_uniform", "teacher_student_kl"}
     assert not any("layer_heads." in k for k in d.state_dict())
     assert set(d.state_dict()) < set(s.state_dict())
     assert os_["loss"].item() > od["loss"].item()

@@ -60,7 +60,8 @@ def _tiny_preset() -> dict:
     c = get_config('tiny')
     return dict(backbone=c.backbone, backbone_kw={k: list(v) if isinstance(v, tuple) else v for k, v in c.backbone_kw.items()},
                 global_size=c.global_size, local_size=c.local_size, n_local_step=c.n_local, out_dim=c.out_dim,
-                head_hidden=c.head_hidden, head_bottleneck=c.head_bottleneck, layer_out_dim=c.layer_out_dim)
+                head_hidden=c.head_hidden, head_bottleneck=c.head_bottleneck, layer_out_dim=c.layer_out_dim,
+                threads=c.threads)
 
 def bench_settings(device='cpu', quick=False) -> dict:
     "The sizes used by `run_bench` for a device; `quick` shrinks everything for CI."
@@ -255,13 +256,14 @@ def format_bench(r: dict) -> str:
 def _cli(args):
     from scfs.data import ScfsError
     if args.device == 'cuda' and not torch.cuda.is_available(): raise ScfsError('--device cuda: no CUDA device is available')
+    device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     if args.threads: torch.set_num_threads(args.threads)
-    elif args.quick and args.device != 'cuda': torch.set_num_threads(1)  # stable ratios on a shared CPU (see notebook)
+    elif device == 'cpu': torch.set_num_threads(bench_settings('cpu')['threads'])  # the tiny preset's: 1, stable on a shared CPU
     ov = dict(repeats=args.repeats, warmup=min(1, args.repeats)) if args.repeats else {}
     if args.batch:
         if args.batch < 2: raise ScfsError('--batch must be >= 2 (batch norm needs two images)')
         ov.update(batch=args.batch, search_batch=min(args.batch, 4), loader_batch=args.batch, loader_images=4 * args.batch)
-    r = run_bench(args.device, quick=args.quick, log=None if args.json else (lambda m: print(m, flush=True)), **ov)
+    r = run_bench(device, quick=args.quick, log=None if args.json else (lambda m: print(m, flush=True)), **ov)
     if args.json: print(json.dumps(r))
     else: print(format_bench(r))
     return 0
@@ -273,7 +275,7 @@ def add_cli(sub):
     p.add_argument('--device', choices=['cpu', 'cuda'], default=None, help='default: cuda if available, else cpu')
     p.add_argument('--quick', action='store_true', help='smallest settings (CI; < 2 min on 2 CPU cores)')
     p.add_argument('--json', action='store_true', help='print one JSON object instead of a table')
-    p.add_argument('--threads', type=int, default=0, help='torch CPU threads (default: 1 with --quick on CPU, else torch default)')
+    p.add_argument('--threads', type=int, default=0, help="torch CPU threads (default on CPU: the tiny preset's thread count; on GPU: torch's)")
     p.add_argument('--repeats', type=int, default=0, help='timed repeats per measurement (default: per device/quick)')
     p.add_argument('--batch', type=int, default=0, help='training batch size for the step/loader timings (default: per device/quick)')
     p.set_defaults(func=_cli)

@@ -45,7 +45,8 @@ def test_cli_quick_json(capsys):
     r = json.loads(out)
     for k in KEYS: assert isinstance(r[k], float) and r[k] > 0, k
     for k in ('timings', 'settings', 'device', 'torch', 'threads'): assert k in r
-    assert r['device'] == 'cpu' and r['torch'] == torch.__version__ and isinstance(r['threads'], int)
+    from scfs.train import get_config
+    assert r['device'] == 'cpu' and r['torch'] == torch.__version__ and r['threads'] == get_config('tiny').threads
     t = r['timings']
     assert t['scfs_step_s'] > 0 and t['dino_step_s'] > 0 and t['bare_step_s'] > 0 and t['loader_images_per_s'] > 0
     raw = t['raw_step_times']

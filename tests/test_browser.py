@@ -5,7 +5,8 @@ notebook that builds `scfs.widgets.RegionMatch`), opens the notebook with playwr
 /usr/bin/chromium (never `playwright install`), waits for the kernel to be idle, runs the widget cell, moves the x slider
 with the keyboard and asserts that the readout text and the displayed figure (a digest of its PNG bytes) changed. Then it
 clicks view A with the real mouse at two points and drags a box on it (ipyevents), and asserts that the readout shows
-the box the click/drag should give and that the x slider followed. A negative control then freezes the widget (its
+the box the click/drag should give and that the x slider followed; once more with the figure displayed smaller than
+its PNG. A negative control then freezes the widget (its
 slider observers and mouse handler removed) and checks that the same slider move and a click change nothing, so the
 assertions can fail.
 CI installs chromium with `.ci/install_browser.sh`.
@@ -30,6 +31,10 @@ from scfs.widgets import RegionMatch
 w = RegionMatch(image='scene', scene_index=0, view_size=64, seed=0)
 print('VIEW_A_PX=' + json.dumps(w.view_a_px))
 w"""
+
+SCALE_CELL = """\
+w.figure.layout.width = '420px'  # shown smaller than the PNG: a click must still land on the same view pixel
+print('scaled')"""
 
 FREEZE_CELL = """\
 w.freeze()  # negative control: the widget stops reacting to its sliders and the mouse
@@ -183,7 +188,7 @@ def _dump(page, tmp: Path):
 def test_region_match_in_jupyterlab(tmp_path):
     from playwright.sync_api import sync_playwright
     (tmp_path/'nb').mkdir()
-    (tmp_path/'nb'/'widget.ipynb').write_text(json.dumps(_notebook([WIDGET_CELL, FREEZE_CELL])))
+    (tmp_path/'nb'/'widget.ipynb').write_text(json.dumps(_notebook([WIDGET_CELL, SCALE_CELL, FREEZE_CELL])))
     proc, url = _start_lab(tmp_path)
     try:
         with sync_playwright() as p:
@@ -219,9 +224,17 @@ def test_region_match_in_jupyterlab(tmp_path):
                 _drag(page, vpx, (8, 10), (28, 24))
                 dragged = _settle(page)
                 assert _near(_query_box(dragged[0]), (8, 10, 28, 30)), f'drag not handled: {dragged[0]}'
+                # the figure displayed smaller than its PNG: ipyevents' dataX/dataY are in PNG pixels all the same
+                _run_cell(page, 1)
+                page.wait_for_selector('text=scaled', timeout=60_000)
+                page.wait_for_function("() => document.querySelector('img.scfs-figure').width < 430", timeout=30_000)
+                _settle(page)
+                _click(page, vpx, 30, 34)                          # size 20 (from the drag): box (20, 24, 40, 44)
+                scaled = _settle(page)
+                assert _near(_query_box(scaled[0]), (20, 24, 40, 44)), f'click on the scaled figure: {scaled[0]}'
                 x_now = int(page.locator('.scfs-x .widget-readout').first.inner_text())
                 # negative control: a frozen widget must not react, so the checks above can fail
-                _run_cell(page, 1)
+                _run_cell(page, 2)
                 page.wait_for_selector('text=frozen', timeout=60_000)
                 frozen = _settle(page)
                 assert _press_slider(page, 'scfs-x', 'ArrowRight', 4).strip() == str(x_now + 4)  # the slider itself moves

@@ -58,6 +58,8 @@ def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer:
         if "last_layer" in n: p.grad = None
 
 # %% ../nbs/04_heads.ipynb #576c2356
+_CL = torch.channels_last
+
 class SearchHead(nn.Module):
     "Per-layer head: residual bottleneck (C->d->d->C) -> GAP -> Linear C->hidden -> BN -> ReLU -> Linear hidden->out -> BN -> L2 norm."
     def __init__(self, channels: int, out_dim: int = 256, hidden_dim: int = 2048, bottleneck: int | None = None):
@@ -75,7 +77,8 @@ class SearchHead(nn.Module):
         self.channels, self.out_dim, self.hidden_dim, self.bottleneck = channels, out_dim, hidden_dim, d
 
     def block(self, x: torch.Tensor) -> torch.Tensor:
-        "The residual bottleneck block, (N, C, H, W) -> (N, C, H, W)."
+        "The residual bottleneck block, (N, C, H, W) -> (N, C, H, W); without autograd (the teacher) in channels-last memory."
+        if not torch.is_grad_enabled(): x = x.contiguous(memory_format=_CL)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
@@ -83,24 +86,30 @@ class SearchHead(nn.Module):
         return self.relu(out)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        "GAP -> projector -> L2 norm."
-        return F.normalize(self.projector(x.mean(dim=(2, 3))), dim=-1, p=2)
+        "GAP -> projector -> L2 norm. GAP as sum / (H*W): its backward is then a broadcast view, not a division of the whole map."
+        return F.normalize(self.projector(x.sum(dim=(2, 3)) / (x.shape[2] * x.shape[3])), dim=-1, p=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         "(N, C, H, W) feature maps -> (N, out_dim) L2-normalised embeddings."
         return self.embed(self.block(x))
 
-    def forward_searched(self, keys: torch.Tensor, maps: torch.Tensor, searched: torch.Tensor, views: int = 1) -> torch.Tensor:
+    def forward_searched(self, keys: torch.Tensor, maps: torch.Tensor, searched: torch.Tensor | None = None,
+                         views: int = 1) -> torch.Tensor:
         """Same result as `forward(searched)` for searched features S[v,i,b] = maps[v,i,b] * keys[v*B+b], as returned
-        by `search_features` (`keys` (views*B, C, H, W): the raw maps of the searched global views; `maps` (views*n*B, H, W)
-        and `searched` (views*n*B, C, H, W), crop-major). The first 1x1 conv is linear without bias, so
-        conv1(A * F) = A * conv1(F): it runs once per global view instead of once per local crop."""
-        VB, _, H, W = keys.shape
+        by `search_features` (`keys` (views*B, C, H, W): the raw maps of the searched global views; `maps` (views*n*B, H, W),
+        crop-major). S is never read: the first 1x1 conv is linear without bias, so conv1(A * F) = A * conv1(F) runs once
+        per global view instead of once per local crop, and the residual adds A * F on the fly (`searched`, if given, is
+        only checked for its shape)."""
+        VB, C, H, W = keys.shape
         B, n = VB // views, maps.shape[0] // VB
         if B * views != VB or n * VB != maps.shape[0]: raise ValueError("keys/maps rows do not match views * n * B")
-        h = self.conv1(keys).unflatten(0, (views, 1, B)) * maps.view(views, n, B, 1, H, W).to(keys.dtype)
-        out = self.relu(self.bn1(h.flatten(0, 2)))                       # (views*n*B, d, H, W)
-        out = self.relu(self.bn2(self.conv2(out)))
+        if searched is not None and searched.shape != (maps.shape[0], C, H, W): raise ValueError("searched has the wrong shape")
+        keys = keys.contiguous(memory_format=_CL)
+        kp = keys.permute(0, 2, 3, 1).unflatten(0, (views, 1, B))             # (views, 1, B, H, W, C), a view
+        a = maps.view(views, n, B, H, W, 1).to(keys.dtype)
+        k1 = self.conv1(keys).contiguous(memory_format=_CL).permute(0, 2, 3, 1).unflatten(0, (views, 1, B))
+        h = (k1 * a).flatten(0, 2).permute(0, 3, 1, 2)                        # A * conv1(F): (views*n*B, d, H, W), NHWC
+        out = self.relu(self.bn2(self.conv2(self.relu(self.bn1(h)))))
         out = self.bn3(self.conv3(out))
-        out += searched
+        out.permute(0, 2, 3, 1).unflatten(0, (views, n, B)).addcmul_(a, kp)    # out += A * F, in place, without S
         return self.embed(self.relu(out))

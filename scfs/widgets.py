@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 import ipywidgets as W
+from ipyevents import Event
 from .search import search_features
 from .data import ScfsError, make_scene, sample_photos
 from .maps import (LAYERS, normalize_image, denormalize, backbone_maps, best_location, source_to_view,
@@ -77,14 +78,15 @@ def _photo_options():
 
 class RegionMatch:
     """Region-match widget. `image`: None (first sample photo, else scene 0), 'scene' (scene `scene_index`), a photo name
-    or a path. Sliders `x`, `y`, `size` place the query box on view A (view pixels); `maps`, `best`, `sims`, `box`,
-    `query` and `png` always describe what is displayed. Display it by leaving it as the last expression of a cell."""
+    or a path. The query box on view A (view pixels) is held by the sliders `x`, `y`, `size`; the mouse sets them (a click
+    on view A centres the box there, a drag draws it). `maps`, `best`, `sims`, `box`, `query` and `png` always describe
+    what is displayed. Display it by leaving it as the last expression of a cell."""
     def __init__(self, image=None, scene_index: int = 0, checkpoint=None, backbone: str = 'small', view_size: int = 64,
                  query_size: int | None = None, seed: int = 0, scale=(0.4, 1.0), layers=LAYERS, dpi: int = 60):
         self.view_size, self.query_size = view_size, query_size or max(view_size // 2, 16)
         self.arch, self.scale, self.layers, self.dpi, self.seed = backbone, scale, tuple(layers), dpi, seed
         self.gen = torch.Generator().manual_seed(seed)
-        self.frozen = False
+        self.frozen, self._hold, self._press = False, False, None
         S = view_size
         # --- controls
         opts = _photo_options() + [(_SCENE, _SCENE), (_PATH, _PATH)]
@@ -105,9 +107,12 @@ class RegionMatch:
         self.readout = W.HTML(value=''); self.readout.add_class('scfs-readout')
         self.status = W.HTML(value='')
         self.figure = W.Image(format='png'); self.figure.add_class('scfs-figure')
+        # mouse on the figure: ipyevents reports dataX/dataY in the PNG's own pixels, whatever size it is displayed at
+        self.mouse = Event(source=self.figure, watched_events=['mousedown', 'mouseup'], prevent_default_action=True)
+        self.hint = W.HTML(value='<i>click view A to centre the query there, or drag a box on it</i>')
         self.ui = W.VBox([W.HBox([self.source, self.scene_index, self.path, self.load_button, self.resample_button]),
                           W.HBox([self.backbone_choice, self.checkpoint, self.backbone_button]),
-                          W.HBox([self.x, self.y, self.size]), self.figure, self.readout, self.status])
+                          W.HBox([self.x, self.y, self.size]), self.hint, self.figure, self.readout, self.status])
         # --- state
         self.backbone = None
         self.load_backbone(checkpoint)
@@ -116,6 +121,7 @@ class RegionMatch:
         # --- events
         self._observers = [(s, self._on_query) for s in (self.x, self.y, self.size)]
         for s, f in self._observers: s.observe(f, names='value')
+        self.mouse.on_dom_event(self._on_mouse)
         self.resample_button.on_click(lambda _: self._guard(self.resample))
         self.load_button.on_click(lambda _: self._guard(self._load_from_controls))
         self.backbone_button.on_click(lambda _: self._guard(self._backbone_from_controls))
@@ -165,9 +171,38 @@ class RegionMatch:
         self._refresh_globals()
 
     def freeze(self):
-        "Stop reacting to the sliders (used as a negative control by the browser test)."
+        "Stop reacting to the sliders and the mouse (used as a negative control by the browser test)."
         for s, f in self._observers: s.unobserve(f, names='value')
+        self.mouse.on_dom_event(self._on_mouse, remove=True)
         self.frozen = True
+
+    def place(self, x0: float, y0: float, size: float | None = None):
+        "Move the query box to top-left (x0, y0) with side `size` (None: keep), kept inside view A; one recompute."
+        S = self.view_size
+        s = int(min(max(round(self.size.value if size is None else size), self.size.min), S))
+        x0, y0 = (int(min(max(round(v), 0), S - s)) for v in (x0, y0))
+        self._hold = True   # three slider changes, one update
+        try: self.size.value, self.x.value, self.y.value = s, x0, y0
+        finally: self._hold = False
+        if not self.frozen: self.update()
+
+    def centre_on(self, cx: float, cy: float):
+        "Centre the query box (same size) on view-A pixel (cx, cy), shifted to stay inside the view."
+        s = self.size.value
+        self.place(cx - s / 2, cy - s / 2)
+
+    def figure_to_view(self, px: float, py: float, clip: bool = False):
+        "PNG pixel (px, py) of the figure -> view-A pixel (x, y); None outside view A's panel (unless `clip`)."
+        x0, y0, x1, y1 = self.view_a_px
+        S = self.view_size
+        x, y = (px - x0) / (x1 - x0) * S, (py - y0) / (y1 - y0) * S
+        if clip: return min(max(x, 0.), float(S)), min(max(y, 0.), float(S))
+        return (x, y) if 0 <= x <= S and 0 <= y <= S else None
+
+    def view_to_figure(self, x: float, y: float) -> tuple:
+        "View-A pixel (x, y) -> PNG pixel of the figure (inverse of `figure_to_view`)."
+        x0, y0, x1, y1 = self.view_a_px
+        return x0 + x / self.view_size * (x1 - x0), y0 + y / self.view_size * (y1 - y0)
 
     @property
     def box(self) -> tuple:
@@ -201,7 +236,18 @@ class RegionMatch:
         self.update()
 
     def _on_query(self, change=None):
-        self.update()
+        if not self._hold: self.update()
+
+    def _on_mouse(self, event: dict):
+        "ipyevents handler: mousedown on view A starts, mouseup ends; a short move is a click (centre), else a box."
+        if event.get('type') == 'mousedown':
+            self._press = self.figure_to_view(event['dataX'], event['dataY'])
+        elif event.get('type') == 'mouseup' and self._press is not None:
+            (ax, ay), (bx, by) = self._press, self.figure_to_view(event['dataX'], event['dataY'], clip=True)
+            self._press = None
+            side = max(abs(bx - ax), abs(by - ay))
+            if side < 2: self.centre_on(bx, by)   # a click (the mouse moved < 2 view pixels)
+            else: self.place(ax if bx >= ax else ax - side, ay if by >= ay else ay - side, side)
 
     def update(self):
         "Recompute the query, maps, best locations and the displayed figure/readout from the current state."
@@ -239,6 +285,10 @@ class RegionMatch:
         fig.tight_layout(pad=0.3)
         buf = io.BytesIO()
         fig.savefig(buf, format='png', dpi=self.dpi)
+        # where view A lies in the PNG (pixels, y down), read after drawing (the aspect is applied at draw time)
+        (x0, y0), (x1, y1) = axs[0].transData.transform([(0, 0), (S, S)])
+        h = fig.bbox.height
+        self.view_a_px = (float(x0), float(h - y0), float(x1), float(h - y1))
         # 256-colour palette PNG: ~4x smaller (notebook size, widget traffic), ~10 ms
         im = Image.open(io.BytesIO(buf.getvalue())).convert('RGB').quantize(256, method=Image.Quantize.FASTOCTREE)
         out = io.BytesIO(); im.save(out, format='PNG')

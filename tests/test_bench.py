@@ -1,10 +1,10 @@
 "Tests for scfs.bench: the JSON contract of `scfs bench` and the timing helpers (no timing assertions)."
-import json, time
+import gc, json, statistics, time
 import pytest, torch
 from scfs import bench
 from scfs.cli import main
 
-KEYS = ('search_speedup', 'scfs_over_dino_step', 'step_over_bare', 'loader_over_step')
+KEYS = ('search_over_floor', 'search_speedup', 'scfs_over_dino_step', 'step_over_bare', 'loader_over_step')
 
 
 def test_time_interleaved_counts_and_order():
@@ -12,6 +12,23 @@ def test_time_interleaved_counts_and_order():
     t = bench.time_interleaved({'a': lambda: calls.append('a'), 'b': lambda: calls.append('b')}, repeats=2, warmup=1)
     assert calls == ['a', 'b'] * 3
     assert [len(v) for v in t.values()] == [2, 2] and all(x >= 0 for v in t.values() for x in v)
+
+
+def test_time_interleaved_alternates_and_restores_gc():
+    calls, seen = [], []
+    fns = {k: (lambda k=k: (calls.append(k), seen.append(gc.isenabled()))) for k in 'abc'}
+    bench.time_interleaved(fns, repeats=3, warmup=0, alternate=True)
+    assert calls == list('abc' 'cba' 'abc') and not any(seen) and gc.isenabled()   # gc off while timing only
+    def boom(): raise RuntimeError('x')
+    with pytest.raises(RuntimeError): bench.time_interleaved({'a': boom}, repeats=1, warmup=0)
+    assert gc.isenabled()
+
+
+def test_pair_ratios():
+    r = bench.pair_ratios([1.2, 3.0, 1.3, 1.1, 1.25], [1.0, 1.0, 1.0, 1.0, 1.0])
+    assert r['n'] == 5 and r['median'] == pytest.approx(1.25) and (r['lo'], r['hi']) == (pytest.approx(1.1), 3.0)
+    # the median of per-pair ratios is not the ratio of medians: a slow outlier pair does not drag it
+    assert bench.pair_ratios([2., 2., 9.], [1., 1., 9.])['median'] == 2.0
 
 
 def test_settings_scale_down():
@@ -28,11 +45,17 @@ def test_cli_quick_json(capsys):
     r = json.loads(out)
     for k in KEYS: assert isinstance(r[k], float) and r[k] > 0, k
     for k in ('timings', 'settings', 'device', 'torch', 'threads'): assert k in r
-    assert r['device'] == 'cpu' and r['torch'] == torch.__version__ and isinstance(r['threads'], int)
+    from scfs.train import get_config
+    assert r['device'] == 'cpu' and r['torch'] == torch.__version__ and r['threads'] == get_config('tiny').threads
     t = r['timings']
     assert t['scfs_step_s'] > 0 and t['dino_step_s'] > 0 and t['bare_step_s'] > 0 and t['loader_images_per_s'] > 0
-    assert abs(r['scfs_over_dino_step'] - t['scfs_step_s'] / t['dino_step_s']) < 1e-9
+    raw = t['raw_step_times']
+    ratios = [a / b for a, b in zip(raw['scfs'], raw['dino'])]
+    assert abs(r['scfs_over_dino_step'] - statistics.median(ratios)) < 1e-9
+    lo, hi = t['scfs_over_dino_step_range']
+    assert lo <= r['scfs_over_dino_step'] <= hi and t['step_pairs'] == len(ratios) == 1
     assert abs(r['search_speedup'] - t['search_loop_s'] / t['search_vectorised_s']) < 1e-9
+    assert abs(r['search_over_floor'] - t['search_vectorised_s'] / t['search_write_floor_s']) < 1e-9
     assert r['settings']['batch'] == 4 and t['loader_images'] == 12  # 4 batches of 4, the first is warm-up
 
 
@@ -49,8 +72,10 @@ def test_cli_rejects_batch_of_one(capsys):
 
 
 def test_format_bench_marks_misses():
-    r = dict(search_speedup=10.0, scfs_over_dino_step=2.0, step_over_bare=1.0, loader_over_step=3.0, device='cpu',
-             device_name='x', torch='t', threads=2, quick=True,
-             timings=dict(scfs_step_s=.2, dino_step_s=.1, bare_step_s=.2, loader_images_per_s=100., step_images_per_s=40.))
+    r = dict(search_over_floor=1.1, search_speedup=10.0, scfs_over_dino_step=2.0, step_over_bare=1.0, loader_over_step=3.0,
+             device='cpu', device_name='x', torch='t', threads=2, quick=True,
+             timings=dict(scfs_step_s=.2, dino_step_s=.1, bare_step_s=.2, loader_images_per_s=100., step_images_per_s=40.,
+                          scfs_over_dino_step_range=[1.5, 2.5], step_pairs=7))
     s = bench.format_bench(r)
-    assert 'scfs_over_dino_step' in s and s.count('MISSED') == 1 and s.count(' ok') == 3
+    assert 'scfs_over_dino_step' in s and s.count('MISSED') == 1 and s.count(' ok') == 4
+    assert 'range 1.50-2.50 over 7 pairs' in s and 'search_speedup' in s and '(GPU)' in s

@@ -1,4 +1,5 @@
 import copy
+import pytest
 import torch
 import torch.nn.functional as F
 from scfs.heads import DINOHead, SearchHead, cancel_gradients_last_layer
@@ -77,3 +78,58 @@ def test_forward_searched_equals_forward_on_searched():
         loc, glob = torch.randn(3 * 2, 16, 2, 2), torch.randn(2 * 2, 16, 5, 5)
         S, A = search_features(loc, glob, 3, keys=keys)
         torch.testing.assert_close(sh.forward_searched(glob[:V * 2], A, S, views=V), sh(S), atol=1e-5, rtol=1e-4)
+
+
+def _block_nchw(h, x):
+    "The search head's block as the plain NCHW formula (the reference for the channels-last implementation)."
+    out = F.relu(h.bn1(h.conv1(x)))
+    out = F.relu(h.bn2(h.conv2(out)))
+    return F.relu(h.bn3(h.conv3(out)) + x)
+
+
+def test_block_equals_nchw_formula_with_and_without_autograd():
+    "With autograd (student) the block keeps the input's layout; without (teacher) it runs channels-last: same numbers."
+    torch.manual_seed(0)
+    sh = SearchHead(32, hidden_dim=64)
+    for shape in ((5, 32, 9, 9), (12, 32, 2, 2)):
+        xa = torch.randn(*shape, requires_grad=True)
+        xb = xa.detach().clone().requires_grad_(True)
+        ya, yb = sh.block(xa), _block_nchw(sh, xb)
+        torch.testing.assert_close(ya, yb)
+        g = torch.randn_like(yb)
+        ya.backward(g); yb.backward(g)
+        torch.testing.assert_close(xa.grad, xb.grad)
+        with torch.no_grad(): yc = sh.block(xa)
+        assert yc.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(yc, yb.detach())
+    assert not torch.allclose(yb, xb.detach().relu())  # the block is not the identity here
+
+
+def test_forward_searched_without_s_and_running_stats():
+    from scfs.search import search_features
+    torch.manual_seed(1)
+    sh = SearchHead(24, hidden_dim=32)
+    loc, glob = torch.randn(4 * 3, 24, 3, 3), torch.randn(2 * 3, 24, 6, 6)
+    S, A = search_features(loc, glob, 4)
+    sh2 = copy.deepcopy(sh)
+    with torch.no_grad():
+        ref, out = sh(S), sh2.forward_searched(glob[:3], A)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    for bn in ('bn1', 'bn2', 'bn3'):
+        for buf in ('running_mean', 'running_var'):
+            torch.testing.assert_close(getattr(getattr(sh2, bn), buf), getattr(getattr(sh, bn), buf))
+    with pytest.raises(ValueError): sh.forward_searched(glob[:3], A, S[:-1])
+    with pytest.raises(ValueError): sh.forward_searched(glob[:5], A)   # 12 maps are not n * 5
+
+
+def test_model_loss_equals_plain_teacher_head_on_searched():
+    "SCFS.forward with the fast teacher path gives the loss of th(searched) computed the plain way."
+    from scfs.model import SCFS
+    torch.manual_seed(0)
+    m = SCFS('small', n_local=2, out_dim=64, head_hidden=32, layer_out_dim=16, epochs=2)
+    crops = [torch.randn(3, 3, 32, 32), torch.randn(3, 3, 32, 32), torch.randn(3, 3, 16, 16), torch.randn(3, 3, 16, 16)]
+    ref_m = copy.deepcopy(m)
+    for th in ref_m.teacher['layer_heads'].values():   # the plain formula: the head's NCHW block on S itself
+        th.forward_searched = (lambda th: lambda keys, maps, searched, views=1: th.embed(_block_nchw(th, searched)))(th)
+    out, ref = m(crops, epoch=1), ref_m(crops, epoch=1)
+    for k in ('loss', 'layer2', 'layer3', 'layer4'): torch.testing.assert_close(out[k], ref[k], atol=1e-5, rtol=1e-5)

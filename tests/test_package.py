@@ -5,7 +5,7 @@ import pytest
 
 PKG = pathlib.Path(__file__).resolve().parent.parent / 'scfs'
 ALLOWED = {'torch', 'torchvision', 'numpy', 'PIL', 'matplotlib', 'tqdm', 'scfs'}
-OPTIONAL = {'widgets': {'ipywidgets', 'IPython'}, 'train': {'torch.utils.tensorboard'}}
+OPTIONAL = {'widgets': {'ipywidgets', 'ipyevents', 'IPython'}, 'train': {'torch.utils.tensorboard'}}
 STDLIB = set(sys.stdlib_module_names)
 MODULES = sorted(p for p in PKG.glob('*.py') if p.name not in ('__init__.py', '_modidx.py'))
 

@@ -114,3 +114,77 @@ def test_checkpoint_backbone(tmp_path):
     assert any(not torch.allclose(before[l], w4.maps[l]) for l in LAYERS)
     w4.backbone_choice.value = 'random init'; w4.backbone_button.click()
     for l in LAYERS: torch.testing.assert_close(w4.maps[l], before[l])   # same seed -> same random init
+
+
+# --- mouse placement (ipyevents): events are dicts in the figure PNG's pixels, as the frontend sends them
+
+def _event(w, kind, x, y):
+    "The dict ipyevents sends for a mouse event at view-A pixel (x, y): dataX/dataY are PNG pixels (integers)."
+    px, py = w.view_to_figure(x, y)
+    return {'type': kind, 'dataX': round(px), 'dataY': round(py), 'button': 0}
+
+
+def _send(w, *events):
+    "Deliver events through ipyevents' own dispatcher (the path a frontend message takes), not to the handler directly."
+    for e in events: w.mouse._handle_mouse_msg(None, e, None)
+
+
+@pytest.fixture
+def wm():
+    return RegionMatch(image='scene', scene_index=4, view_size=64, seed=2)
+
+
+def test_figure_mapping_matches_drawn_box(wm):
+    "view_to_figure lands on the red query box drawn in the PNG, and inverts figure_to_view."
+    from PIL import Image
+    import io
+    px = np.asarray(Image.open(io.BytesIO(wm.png)).convert('RGB')).astype(int)
+    def red(x, y):
+        u, v = (int(round(c)) for c in wm.view_to_figure(x, y))
+        p = px[v - 1:v + 2, u - 1:u + 2].reshape(-1, 3)
+        return int((p[:, 0] - p[:, 1:].max(1)).max())
+    x0, y0, x1, y1 = wm.box
+    assert red(x0, (y0 + y1) / 2) > 100 and red(x1, (y0 + y1) / 2) > 100 and red((x0 + x1) / 2, y0) > 100
+    assert red((x0 + x1) / 2, (y0 + y1) / 2) < 60
+    for x, y in ((0, 0), (64, 64), (13.5, 41)):
+        assert np.allclose(wm.figure_to_view(*wm.view_to_figure(x, y)), (x, y))
+    assert wm.figure_to_view(*wm.view_to_figure(70, 10)) is None and wm.figure_to_view(*wm.view_to_figure(10, -3)) is None
+
+
+def test_click_centres_box_and_recomputes_once(wm):
+    calls = []
+    update = wm.update
+    wm.update = lambda: (calls.append(1), update())[1]
+    _send(wm, _event(wm, 'mousedown', 20, 44), _event(wm, 'mouseup', 20, 44))
+    assert calls == [1]                                   # three sliders moved, one recompute
+    assert (wm.x.value, wm.y.value, wm.size.value) == (4, 28, 32) and wm.box == (4, 28, 36, 60)
+    assert 'query box (4, 28, 36, 60)' in wm.readout.value
+    ref = _reference(wm)
+    for l in LAYERS: torch.testing.assert_close(wm.maps[l], ref[l])
+
+
+def test_click_near_border_and_outside(wm):
+    _send(wm, _event(wm, 'mousedown', 2, 63), _event(wm, 'mouseup', 2, 63))
+    assert wm.box == (0, 32, 32, 64)                      # shifted inside the view, size kept
+    png = wm.png
+    _send(wm, _event(wm, 'mousedown', 90, 30), _event(wm, 'mouseup', 90, 30))   # on view B's panel: ignored
+    _send(wm, _event(wm, 'mouseup', 30, 30))                                      # a mouseup without a press
+    assert wm.box == (0, 32, 32, 64) and wm.png == png
+
+
+def test_drag_draws_square_box(wm):
+    _send(wm, _event(wm, 'mousedown', 10, 20), _event(wm, 'mouseup', 34, 30))
+    assert wm.box == (10, 20, 34, 44)                     # side = the larger extent of the drag (24)
+    _send(wm, _event(wm, 'mousedown', 50, 40), _event(wm, 'mouseup', 38, 36))   # dragged up-left
+    assert wm.box == (38, 28, 50, 40)
+    _send(wm, _event(wm, 'mousedown', 58, 60), _event(wm, 'mouseup', 120, 62))  # released past the panel: x clipped to 64
+    assert wm.box == (58, 58, 64, 64)                     # side max(6, 2) = 6; y shifted to stay inside
+    ref = _reference(wm)
+    for l in LAYERS: torch.testing.assert_close(wm.maps[l], ref[l])
+
+
+def test_freeze_stops_mouse(wm):
+    png, box = wm.png, wm.box
+    wm.freeze()
+    _send(wm, _event(wm, 'mousedown', 40, 40), _event(wm, 'mouseup', 40, 40))
+    assert wm.box == box and wm.png == png

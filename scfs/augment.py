@@ -6,6 +6,8 @@
 from __future__ import annotations
 import math
 import torch
+import torch.nn.functional as F_nn
+from torchvision.ops import roi_align
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 from PIL import Image
@@ -13,7 +15,8 @@ from .data import to_rgb
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'denormalize', 'RandomBlur', 'MultiCrop', 'multicrop_collate', 'eval_transform',
-           'show_multicrop', 'object_fraction']
+           'show_multicrop', 'object_fraction', 'random_resized_boxes', 'crop_boxes', 'colour_jitter_matrices',
+           'gaussian_blur_batch', 'BatchMultiCrop']
 
 # %% ../nbs/01_augment.ipynb #4d355cdf
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -133,3 +136,127 @@ def object_fraction(boxes: torch.Tensor, obj) -> torch.Tensor:
     iw = (torch.minimum(boxes[..., 2], obj[2]) - torch.maximum(boxes[..., 0], obj[0])).clamp(min=0)
     ih = (torch.minimum(boxes[..., 3], obj[3]) - torch.maximum(boxes[..., 1], obj[1])).clamp(min=0)
     return iw * ih / ((obj[2] - obj[0]) * (obj[3] - obj[1])).clamp(min=1e-12)
+
+# %% ../nbs/01_augment.ipynb #03d56430
+def random_resized_boxes(n: int, height: int, width: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                         generator: torch.Generator | None = None, tries: int = 10) -> torch.Tensor:
+    """`n` crop boxes (x0, y0, x1, y1) in float pixels, drawn like `RandomResizedCrop.get_params`: area fraction ~ U(scale),
+    log aspect ratio ~ U(log ratio), the first of `tries` draws that fits the image, else the largest centred box."""
+    area = torch.empty(n, tries).uniform_(scale[0], scale[1], generator=generator) * height * width
+    r = torch.exp(torch.empty(n, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator))
+    w, h = torch.sqrt(area * r), torch.sqrt(area / r)
+    fits = (w <= width) & (h <= height)
+    first = fits.float().argmax(1)                                   # index of the first draw that fits
+    w, h = w.gather(1, first[:, None])[:, 0], h.gather(1, first[:, None])[:, 0]
+    ok = fits.any(1)                                                 # else: torchvision's centred fallback box
+    in_r = width / height
+    fw, fh = ((width, width / ratio[0]) if in_r < ratio[0] else (height * ratio[1], height) if in_r > ratio[1]
+              else (width, height))
+    w, h = torch.where(ok, w, torch.tensor(float(fw))), torch.where(ok, h, torch.tensor(float(fh)))
+    x0 = torch.where(ok, torch.rand(n, generator=generator) * (width - w), (width - w) / 2)
+    y0 = torch.where(ok, torch.rand(n, generator=generator) * (height - h), (height - h) / 2)
+    return torch.stack([x0, y0, x0 + w, y0 + h], 1)
+
+def crop_boxes(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    "Cut box k out of image k and resize it to `size` x `size` (area-averaging when shrinking, bilinear when enlarging)."
+    rois = torch.cat([torch.arange(len(boxes), dtype=boxes.dtype)[:, None], boxes], 1).to(images)
+    return roi_align(images, rois, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+# %% ../nbs/01_augment.ipynb #e18811cf
+_GREY = torch.tensor([0.2989, 0.587, 0.114])                           # torchvision's rgb_to_grayscale weights
+_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+def colour_jitter_matrices(mean_rgb: torch.Tensor, brightness, contrast, saturation, hue, order=(0, 1, 2, 3)) -> tuple:
+    """Per-image affine colour maps `x -> A x + b` (A (B,3,3), b (B,3)) composing brightness, contrast, saturation
+    (torchvision's definitions) and a hue rotation (in YIQ space) in `order`; factors are (B,) tensors, hue in turns."""
+    B = len(mean_rgb)
+    I = torch.eye(3).expand(B, 3, 3)
+    A, b = I.clone(), torch.zeros(B, 3)
+    for o in order:
+        off = torch.zeros(B, 3)
+        if o == 0: M = brightness.view(B, 1, 1) * I                                    # x * f
+        elif o == 1:                                                                    # f x + (1 - f) mean grey level
+            M = contrast.view(B, 1, 1) * I
+            grey_mean = ((A @ mean_rgb[:, :, None]).squeeze(2) + b) @ _GREY
+            off = ((1 - contrast) * grey_mean)[:, None].expand(B, 3)
+        elif o == 2: M = saturation.view(B, 1, 1) * I + (1 - saturation).view(B, 1, 1) * _GREY.expand(3, 3)  # f x + (1 - f) grey(x)
+        else:                                                                           # rotate the chroma plane (I, Q)
+            c, s = torch.cos(-2 * math.pi * hue), torch.sin(-2 * math.pi * hue)          # sign: as torchvision's hue
+            R = torch.zeros(B, 3, 3); R[:, 0, 0] = 1; R[:, 1, 1] = c; R[:, 1, 2] = -s; R[:, 2, 1] = s; R[:, 2, 2] = c
+            M = torch.linalg.inv(_YIQ) @ R @ _YIQ
+        A, b = M @ A, (M @ b[:, :, None]).squeeze(2) + off
+    return A, b
+
+# %% ../nbs/01_augment.ipynb #6cfd5984
+def gaussian_blur_batch(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    "Blur image k of `x` (B,C,H,W) with its own `sigma[k]` (separable kernel of radius `radius`, reflect padding)."
+    B, C, H, W = x.shape
+    r = min(radius, (min(H, W) - 1) // 2)
+    t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-0.5 * (t / sigma.to(x)[:, None]) ** 2)
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(C, 0)                       # (B*C, 2r+1)
+    y = x.reshape(1, B * C, H, W)
+    y = F_nn.conv2d(F_nn.pad(y, (r, r, 0, 0), mode='reflect'), k.view(B * C, 1, 1, -1), groups=B * C)
+    y = F_nn.conv2d(F_nn.pad(y, (0, 0, r, r), mode='reflect'), k.view(B * C, 1, -1, 1), groups=B * C)
+    return y.view(B, C, H, W)
+
+# %% ../nbs/01_augment.ipynb #1204bda4
+class BatchMultiCrop:
+    """`MultiCrop` for a whole batch of same-size images at once (uint8 tensor (B,3,S,S) on any device): same crops, boxes,
+    flips and photometric recipe, drawn from a `torch.Generator` so a batch is a function of its seed."""
+    def __init__(self, global_size: int = 224, local_size: int = 96, n_local: int = 8, global_scale=(0.25, 1.0),
+                 local_scale=(0.05, 0.25), photometric: bool = True, blur_sigma=(0.1, 2.0), ratio=(3 / 4, 4 / 3),
+                 jitter=(0.4, 0.4, 0.2, 0.1), p_jitter: float = 0.8, p_grey: float = 0.2, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        self.global_size, self.local_size, self.n_local = int(global_size), int(local_size), int(n_local)
+        self.global_scale, self.local_scale, self.ratio = tuple(global_scale), tuple(local_scale), tuple(ratio)
+        self.photometric, self.blur_sigma, self.jitter = photometric, tuple(blur_sigma), tuple(jitter)
+        self.p_jitter, self.p_grey = p_jitter, p_grey
+        self.mean, self.std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+        # (size, scale, blur probability, blur sigma scale, solarize probability) per view: DINO's recipe
+        self.plan = ([(self.global_size, self.global_scale, 1.0, self.global_size / 224, 0.0),
+                      (self.global_size, self.global_scale, 0.1, self.global_size / 224, 0.2)] +
+                     [(self.local_size, self.local_scale, 0.5, self.local_size / 96, 0.0)] * self.n_local)
+
+    @property
+    def n_crops(self): return 2 + self.n_local
+
+    def photometric_ops(self, x, p_blur, sigma_scale, p_solarize, g):
+        "Colour jitter (p 0.8), greyscale (p 0.2), blur, solarize of a batch of crops in [0, 1]."
+        B, dev = len(x), x.device
+        u = lambda: torch.rand(B, generator=g)
+        (bj, cj, sj, hj), on = self.jitter, u() < self.p_jitter
+        fb, fc, fs, fh = 1 + (2 * u() - 1) * bj, 1 + (2 * u() - 1) * cj, 1 + (2 * u() - 1) * sj, (2 * u() - 1) * hj
+        order = torch.randperm(4, generator=g).tolist()
+        A, b = colour_jitter_matrices(x.mean((2, 3)).float().cpu(), fb, fc, fs, fh, order)
+        A, b = torch.where(on.view(B, 1, 1), A, torch.eye(3)), torch.where(on.view(B, 1), b, torch.zeros(3))
+        x = (torch.einsum('bij,bjhw->bihw', A.to(dev, x.dtype), x) + b.to(dev, x.dtype)[:, :, None, None]).clamp(0, 1)
+        grey = (u() < self.p_grey).to(dev).view(B, 1, 1, 1)
+        x = torch.where(grey, torch.einsum('c,bchw->bhw', _GREY.to(dev, x.dtype), x)[:, None].expand_as(x), x)
+        blur = u() < p_blur
+        sigma = (self.blur_sigma[0] + (self.blur_sigma[1] - self.blur_sigma[0]) * u()) * sigma_scale
+        if blur.any():
+            y = gaussian_blur_batch(x, sigma, math.ceil(3 * self.blur_sigma[1] * sigma_scale))
+            x = torch.where(blur.to(dev).view(B, 1, 1, 1), y, x)
+        sol = (u() < p_solarize).to(dev).view(B, 1, 1, 1)
+        return torch.where(sol & (x >= 0.5), 1 - x, x)
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> dict:
+        "uint8 (B,3,S,S) -> dict(crops=[(B,3,s,s)] * n_crops normalised, boxes=(B,n_crops,4), flips=(B,n_crops)) like `multicrop_collate`."
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f'BatchMultiCrop wants a uint8 (B, 3, H, W) tensor, got {images.dtype} {tuple(images.shape)}')
+        g = generator if generator is not None else torch.default_generator
+        x = images.float() / 255
+        B, _, H, W = x.shape
+        crops, boxes, flips = [], [], []
+        for size, scale, p_blur, sigma_scale, p_sol in self.plan:
+            box = random_resized_boxes(B, H, W, scale, self.ratio, g)
+            c = crop_boxes(x, box, size)
+            flip = torch.rand(B, generator=g) < 0.5
+            c = torch.where(flip.to(c.device).view(B, 1, 1, 1), c.flip(3), c)
+            if self.photometric: c = self.photometric_ops(c, p_blur, sigma_scale, p_sol, g)
+            crops.append((c - self.mean.to(c)) / self.std.to(c)); boxes.append(box); flips.append(flip)
+        return dict(crops=crops, boxes=torch.stack(boxes, 1), flips=torch.stack(flips, 1))
+
+    def __repr__(self):
+        return (f'BatchMultiCrop(global {self.global_size}px x2 scale {self.global_scale}, local {self.local_size}px '
+                f'x{self.n_local} scale {self.local_scale}, photometric={self.photometric})')

@@ -43,12 +43,14 @@ class MultiCrop:
     "DINO multi-crop that also returns each crop's box (x0, y0, x1, y1) in source pixels and its flip."
     def __init__(self, global_size: int = 224, local_size: int = 96, n_local: int = 8, global_scale=(0.25, 1.0),
                  local_scale=(0.05, 0.25), photometric: bool = True, blur_sigma=(0.1, 2.0), ratio=(3 / 4, 4 / 3),
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD, jitter=(0.4, 0.4, 0.2, 0.1), p_jitter: float = 0.8,
+                 p_grey: float = 0.2):
         self.global_size, self.local_size, self.n_local = int(global_size), int(local_size), int(n_local)
         self.global_scale, self.local_scale, self.ratio = tuple(global_scale), tuple(local_scale), tuple(ratio)
         self.photometric, self.mean, self.std = photometric, list(mean), list(std)
-        colour = [v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
-                  v2.RandomGrayscale(p=0.2)]
+        b, c, s, h = jitter                                   # DINO: 0.4, 0.4, 0.2, 0.1 with p 0.8, greyscale p 0.2
+        colour = [v2.RandomApply([v2.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h)], p=p_jitter),
+                  v2.RandomGrayscale(p=p_grey)]
         gs = tuple(s * self.global_size / 224 for s in blur_sigma)
         ls = tuple(s * self.local_size / 96 for s in blur_sigma)
         self.global1 = v2.Compose(colour + [RandomBlur(1.0, gs)])

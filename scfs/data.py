@@ -13,7 +13,8 @@ from torch.utils.data import Dataset
 
 # %% auto #0
 __all__ = ['SCENE_CLASSES', 'DEFAULT_SCENES', 'IMG_EXTENSIONS', 'quick_mode', 'ScfsError', 'make_scene', 'generate_scenes',
-           'ensure_scenes', 'load_boxes', 'to_rgb', 'ImageDataset', 'sample_photos', 'load_photo', 'add_cli']
+           'ensure_scenes', 'load_boxes', 'to_rgb', 'ImageDataset', 'square_image', 'load_images', 'sample_photos',
+           'load_photo', 'add_cli']
 
 # %% ../nbs/00_data.ipynb #d9974089
 def quick_mode() -> bool:
@@ -339,6 +340,34 @@ class ImageDataset(Dataset):
     def __repr__(self):
         return (f'ImageDataset({str(self.root)!r}: {len(self)} images, {len(self.classes)} classes, '
                 f'{self.skipped} skipped)')
+
+# %% ../nbs/00_data.ipynb #fc4f7526
+def square_image(img: Image.Image, size: int) -> Image.Image:
+    "Resize the short side to `size` (bicubic, antialiased by PIL) and centre-crop to `size` x `size`."
+    w, h = img.size
+    s = size / min(w, h)
+    if (w, h) != (size, size):
+        img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+    w, h = img.size
+    l, t = (w - size) // 2, (h - size) // 2
+    return img.crop((l, t, l + size, t + size))
+
+def load_images(root, size: int = 64, limit: int = 0, seed: int = 0, max_bytes: float = 4e9) -> tuple:
+    """The images under `root` as one uint8 tensor (N, 3, size, size) (`square_image` of each), their labels (N,) and
+    the `ImageDataset`. `limit` > 0: a fixed random subset (seeded) of that many images, in folder order."""
+    ds = ImageDataset(root)
+    idx = list(range(len(ds)))
+    if limit and limit < len(ds):
+        idx = sorted(torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:limit].tolist())
+    if len(idx) * 3 * size * size > max_bytes:
+        raise ScfsError(f'{len(idx)} images of {size}x{size} px need {len(idx) * 3 * size * size / 1e9:.1f} GB in memory '
+                        f'(limit {max_bytes / 1e9:.0f} GB): use loader=folder, a smaller memory_size or a subset')
+    images = torch.empty(len(idx), 3, size, size, dtype=torch.uint8)
+    labels = torch.empty(len(idx), dtype=torch.long)
+    for j, i in enumerate(idx):
+        img, labels[j] = ds[i]
+        images[j] = torch.from_numpy(np.array(square_image(img, size))).permute(2, 0, 1)
+    return images, labels, ds
 
 # %% ../nbs/00_data.ipynb #a491e674
 def _photos_dir() -> Path:

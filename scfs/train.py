@@ -14,20 +14,22 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
-from .data import ScfsError, quick_mode, ImageDataset, DEFAULT_SCENES, ensure_scenes
-from .augment import MultiCrop, multicrop_collate
+from .data import ScfsError, quick_mode, ImageDataset, DEFAULT_SCENES, ensure_scenes, load_images
+from .augment import MultiCrop, BatchMultiCrop, multicrop_collate, eval_transform
 from .backbone import build_backbone
 from .model import SCFS
-from .evaluate import resolve_device, knn_checkpoint
+from .evaluate import resolve_device, knn_checkpoint, extract_features, knn_classify
+from .losses import collapse_state
 
 # %% auto #0
 __all__ = ['PRESETS', 'Config', 'get_config', 'config_from_dict', 'validate_config', 'make_schedules', 'ResumableSampler',
-           'SeededDataset', 'save_checkpoint', 'rng_state', 'set_rng_state', 'load_checkpoint', 'build_model',
-           'param_groups', 'build_optimizer', 'clip_gradients', 'cancel_last_layer_grads', 'MetricsLog', 'read_metrics',
-           'plot_loss_curve', 'dist_env', 'is_dist', 'get_rank', 'get_world_size', 'is_main', 'barrier',
-           'init_distributed', 'cleanup_distributed', 'all_reduce_mean', 'build_loader', 'TrainingRun', 'setup_run',
-           'checkpoint_state', 'restore_state', 'end_epoch', 'step_record', 'train_one_epoch', 'train', 'finish_run',
-           'final_knn', 'add_cli', 'cli_config']
+           'SeededDataset', 'batch_seed', 'MemoryLoader', 'save_checkpoint', 'rng_state', 'set_rng_state',
+           'load_checkpoint', 'build_model', 'param_groups', 'build_optimizer', 'clip_gradients',
+           'cancel_last_layer_grads', 'MetricsLog', 'read_metrics', 'plot_loss_curve', 'KnnMonitor', 'dist_env',
+           'is_dist', 'get_rank', 'get_world_size', 'is_main', 'barrier', 'init_distributed', 'cleanup_distributed',
+           'all_reduce_mean', 'build_loader', 'TrainingRun', 'setup_run', 'checkpoint_state', 'restore_state',
+           'end_epoch', 'monitor_knn', 'step_record', 'train_one_epoch', 'train', 'finish_run', 'final_knn', 'add_cli',
+           'cli_config']
 
 # %% ../nbs/07_train.ipynb #9d57ab16
 @dataclass
@@ -64,6 +66,10 @@ class Config:
     global_scale: tuple = (0.4, 1.0)                # scenes: keep the object in both global views more often
     local_scale: tuple = (0.1, 0.4)
     photometric: bool = True
+    jitter: tuple = (0.4, 0.4, 0.2, 0.1)            # colour jitter strength: brightness, contrast, saturation, hue
+    p_grey: float = 0.2                             # probability of a greyscale view
+    loader: str = 'memory'                          # 'memory': BatchMultiCrop on images held in memory; 'folder': MultiCrop in workers
+    memory_size: int = 64                           # loader='memory': images are stored as memory_size x memory_size
     # optimisation
     epochs: int = 6
     batch_size: int = 64                # total over all processes
@@ -100,6 +106,8 @@ class Config:
     eval_size: int = 56
     knn_k: int = 20
     knn_T: float = 0.07
+    monitor_every: int = 1              # online kNN on a fixed labelled subset every N epochs (0: off)
+    monitor_n: int = 1000               # images of that subset (train; half as many val)
     progress: bool = True
     tensorboard: bool = True            # only used if tensorboard is installed
     resume: bool = False
@@ -116,13 +124,13 @@ class Config:
 # %% ../nbs/07_train.ipynb #c29e0e92
 PRESETS = {
     'tiny': {},
-    'resnet18': dict(backbone='resnet18', backbone_kw={}, data='data/train', generate=False, out_dim=16384, head_hidden=2048,
+    'resnet18': dict(backbone='resnet18', backbone_kw={}, data='data/train', generate=False, loader='folder', out_dim=16384, head_hidden=2048,
                      head_bottleneck=256, layer_out_dim=256, global_size=96, local_size=48, n_local=6,
                      global_scale=(0.25, 1.0), local_scale=(0.05, 0.25), epochs=100, batch_size=256, optimizer='sgd',
                      lr=0.1, min_lr=0.0048, weight_decay=1e-4, weight_decay_end=1e-4, warmup_epochs=10,
                      momentum_teacher=0.996, warmup_teacher_temp=0.04, teacher_temp=0.07,
                      warmup_teacher_temp_epochs=30, workers=8, threads=0, save_every=10, eval_size=96),
-    'resnet50-imagenet': dict(backbone='resnet50', backbone_kw={}, data='data/imagenet/train', generate=False,
+    'resnet50-imagenet': dict(backbone='resnet50', backbone_kw={}, data='data/imagenet/train', generate=False, loader='folder',
                               knn_train='data/imagenet/train', knn_val='data/imagenet/val', out_dim=65536,
                               head_hidden=2048, head_bottleneck=256, layer_out_dim=256, global_size=224, local_size=96,
                               n_local=8, global_scale=(0.25, 1.0), local_scale=(0.05, 0.25), epochs=200,
@@ -208,6 +216,8 @@ def validate_config(cfg: Config):
     if cfg.resume and cfg.force: bad('--resume and --force are incompatible (resume continues a run, force deletes it)')
     if cfg.lr <= 0 or cfg.min_lr < 0: bad('lr must be > 0 and min_lr >= 0')
     if cfg.search_keys not in ('first', 'both'): bad(f"search_keys must be 'first' or 'both', not {cfg.search_keys!r}")
+    if cfg.loader not in ('memory', 'folder'): bad(f"loader must be 'memory' or 'folder', not {cfg.loader!r}")
+    if len(cfg.jitter) != 4 or min(cfg.jitter) < 0: bad(f'jitter needs 4 non-negative strengths (brightness, contrast, saturation, hue), got {cfg.jitter}')
 
 # %% ../nbs/07_train.ipynb #20ab41bd
 from .model import cosine_schedule  # DINO's per-iteration warm-up + cosine schedule, defined in 06_model
@@ -242,6 +252,27 @@ class SeededDataset(Dataset):
                 return self.ds[i]
         finally:
             if single: torch.set_num_threads(nt)
+
+# %% ../nbs/07_train.ipynb #86fe0d02
+def batch_seed(seed: int, epoch: int, it: int, rank: int = 0) -> int:
+    "The seed of the views of batch `it` of `epoch` on process `rank`."
+    return (((seed * 1_000_003 + epoch) * 10_000_019 + it) * 1009 + rank) % (2 ** 63)
+
+class MemoryLoader:
+    "Batches of multi-crop views (`BatchMultiCrop`) of images held in memory; batch `i` of epoch `e` = f(seed, e, i, rank)."
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, sampler: ResumableSampler, batch_size: int,
+                 multicrop: BatchMultiCrop, seed: int = 0, rank: int = 0, device='cpu'):
+        self.images, self.labels = images.to(device), labels
+        self.sampler, self.batch_size, self.multicrop = sampler, batch_size, multicrop
+        self.seed, self.rank, self.epoch = seed, rank, 0
+    def __len__(self): return len(self.sampler) // self.batch_size
+    def __iter__(self):
+        idx = torch.tensor(list(iter(self.sampler)), dtype=torch.long)
+        first = self.sampler.start // self.batch_size                   # a resumed epoch starts at this iteration
+        for k in range(len(idx) // self.batch_size):
+            b = idx[k * self.batch_size:(k + 1) * self.batch_size]
+            g = torch.Generator().manual_seed(batch_seed(self.seed, self.epoch, first + k, self.rank))
+            yield dict(self.multicrop(self.images[b.to(self.images.device)], g), labels=self.labels[b])
 
 # %% ../nbs/07_train.ipynb #98380aa2
 def save_checkpoint(state: dict, path) -> Path:
@@ -342,16 +373,49 @@ def read_metrics(run_dir, type: str = 'step') -> list:
     return [r for r in map(json.loads, p.read_text().splitlines()) if r.get('type') == type] if p.exists() else []
 
 def plot_loss_curve(run_dir, out=None, show: bool = False):
-    "Plot the per-step (and per-epoch mean) total loss of a run; save to run_dir/loss_curve.png."
+    """A run at a glance, saved to run_dir/loss_curve.png: the losses, the teacher's collapse diagnostics against
+    ln K (uniform) and 0 (one-hot), and the online kNN (step 0 = the random init)."""
     import matplotlib; import matplotlib.pyplot as plt
-    steps, epochs = read_metrics(run_dir, 'step'), read_metrics(run_dir, 'epoch')
-    fig, ax = plt.subplots(figsize=(5, 3), dpi=70)
-    if steps: ax.plot([r['step'] for r in steps], [r['loss'] for r in steps], lw=0.7, alpha=0.6, label='step')
-    if epochs: ax.plot([r['step'] for r in epochs], [r['loss'] for r in epochs], 'o-', label='epoch mean')
-    ax.set_xlabel('iteration'); ax.set_ylabel('loss'); ax.legend(); ax.set_title(Path(run_dir).name)
+    steps, epochs, mons = (read_metrics(run_dir, t) for t in ('step', 'epoch', 'monitor'))
+    cfg_p = Path(run_dir) / 'config.json'
+    K = json.loads(cfg_p.read_text()).get('out_dim') if cfg_p.exists() else None
+    fig, ax = plt.subplots(1, 3, figsize=(12, 3), dpi=70)
+    x = [r['step'] for r in steps]
+    if steps:
+        ax[0].plot(x, [r['loss'] for r in steps], lw=0.7, alpha=0.6, label='total')
+        if 'dino' in steps[0]: ax[0].plot(x, [r['dino'] for r in steps], lw=0.7, alpha=0.6, label='DINO term')
+    if epochs: ax[0].plot([r['step'] for r in epochs], [r['loss'] for r in epochs], 'o-', ms=3, label='total, epoch mean')
+    ax[0].set(xlabel='iteration', ylabel='loss', title=Path(run_dir).name); ax[0].legend(fontsize=8)
+    for k, lab in (('teacher_entropy', 'teacher entropy'), ('teacher_kl_uniform', 'KL(batch mean || uniform)')):
+        if steps and k in steps[0]: ax[1].plot(x, [r[k] for r in steps], lw=0.8, label=lab)
+    if K: ax[1].axhline(math.log(K), color='k', ls='--', lw=0.8, label=f'ln K = {math.log(K):.2f} (uniform)')
+    ax[1].set(xlabel='iteration', ylabel='nats', title='collapse diagnostics'); ax[1].legend(fontsize=8)
+    if mons: ax[2].plot([r['step'] for r in mons], [r['knn'] for r in mons], 'o-', ms=3, color='C2')
+    ax[2].set(xlabel='iteration', ylabel='kNN top-1 (%)', title='online kNN (fixed labelled subset)')
     fig.tight_layout(); fig.savefig(out or Path(run_dir) / 'loss_curve.png')
     if show: plt.show()
     else: plt.close(fig)
+
+# %% ../nbs/07_train.ipynb #e483279e
+class KnnMonitor:
+    "kNN top-1 (%) of a backbone on a fixed labelled subset held in memory: the online monitor of a run."
+    def __init__(self, train_dir, val_dir, size: int, n: int = 1000, k: int = 20, T: float = 0.07, seed: int = 0,
+                 device='cpu'):
+        self.k, self.T, self.device = k, T, device
+        self.train = self._subset(train_dir, size, n, seed)
+        self.val = self._subset(val_dir, size, max(n // 2, 1), seed + 1)
+
+    @staticmethod
+    def _subset(folder, size, n, seed):
+        ds = ImageDataset(folder, transform=eval_transform(size))
+        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].sort().values.tolist()
+        x, y = zip(*(ds[i] for i in idx))
+        return torch.utils.data.TensorDataset(torch.stack(x), torch.tensor(y))
+
+    def __call__(self, backbone: nn.Module) -> float:
+        ftr, ltr = extract_features(backbone, self.train, device=self.device)
+        fva, lva = extract_features(backbone, self.val, device=self.device)
+        return knn_classify(ftr, ltr, fva, lva, k=self.k, T=self.T)
 
 # %% ../nbs/07_train.ipynb #9203953e
 def dist_env() -> dict:
@@ -440,17 +504,28 @@ def _resolve_data(cfg: Config) -> tuple:
         if p is not None and cfg.eval and not p.is_dir(): raise ScfsError(f'kNN folder not found: {p}')
     return train_dir, ktr, kva
 
-def build_loader(cfg: Config, train_dir, world: int = 1, rank: int = 0):
-    "(SeededDataset, ResumableSampler, DataLoader) for multi-crop pretraining on `train_dir`."
+def _views(cfg: Config, kind):
+    "The multi-crop transform of `cfg`: `MultiCrop` (one PIL image) or `BatchMultiCrop` (a uint8 batch)."
+    return kind(global_size=cfg.global_size, local_size=cfg.local_size, n_local=cfg.n_local,
+                global_scale=tuple(cfg.global_scale), local_scale=tuple(cfg.local_scale), photometric=cfg.photometric,
+                jitter=tuple(cfg.jitter), p_grey=cfg.p_grey)
+
+def build_loader(cfg: Config, train_dir, world: int = 1, rank: int = 0, device='cpu'):
+    """(dataset-or-loader with an `epoch` attribute, ResumableSampler, iterable of batches) for multi-crop pretraining
+    on `train_dir`: `MemoryLoader` for `loader='memory'`, a `DataLoader` over a `SeededDataset` for `loader='folder'`."""
     if cfg.batch_size % world: raise ScfsError(f'batch_size {cfg.batch_size} is not divisible by {world} processes')
-    mc = MultiCrop(global_size=cfg.global_size, local_size=cfg.local_size, n_local=cfg.n_local,
-                   global_scale=tuple(cfg.global_scale), local_scale=tuple(cfg.local_scale), photometric=cfg.photometric)
-    ds = ImageDataset(train_dir, transform=mc)
+    per = cfg.batch_size // world
+    if cfg.loader == 'memory':
+        images, labels, _ = load_images(train_dir, cfg.memory_size, limit=cfg.subset, seed=cfg.seed)
+        sampler = ResumableSampler(images, num_replicas=world, rank=rank, seed=cfg.seed)
+        if sampler.num_samples < per: raise ScfsError(f'{len(images)} images are too few for batch_size {cfg.batch_size}')
+        ml = MemoryLoader(images, labels, sampler, per, _views(cfg, BatchMultiCrop), cfg.seed, rank, device)
+        return ml, sampler, ml
+    ds = ImageDataset(train_dir, transform=_views(cfg, MultiCrop))
     if cfg.subset and cfg.subset < len(ds):
         idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.subset]
         ds = Subset(ds, sorted(idx.tolist()))
     sds = SeededDataset(ds, cfg.seed)
-    per = cfg.batch_size // world
     sampler = ResumableSampler(sds, num_replicas=world, rank=rank, seed=cfg.seed)
     if sampler.num_samples < per:
         raise ScfsError(f'{len(ds)} images are too few for batch_size {cfg.batch_size}')
@@ -469,9 +544,9 @@ class TrainingRun:
     model: nn.Module                    # `SCFS`: student, teacher and losses
     opt: torch.optim.Optimizer
     scaler: torch.amp.GradScaler        # enabled for fp16 only
-    sds: SeededDataset
+    sds: SeededDataset | MemoryLoader  # its `epoch` picks the epoch's random views
     sampler: ResumableSampler
-    loader: DataLoader
+    loader: DataLoader | MemoryLoader
     niter: int                          # iterations per epoch
     sched: dict                         # per-iteration lr, wd, momentum
     autocast: torch.autocast
@@ -481,6 +556,8 @@ class TrainingRun:
     log: MetricsLog | None = None       # main process only
     start_epoch: int = 0                # where a resumed run continues
     start_it: int = 0
+    monitor: KnnMonitor | None = None   # main process, when labelled folders are known and monitor_every > 0
+    last_knn: float | None = None       # its latest reading
 
     @property
     def main(self) -> bool: return is_main()
@@ -526,7 +603,7 @@ def setup_run(cfg: Config, device: torch.device, rank: int = 0, world: int = 1) 
         (rd / 'config.json').write_text(json.dumps(asdict(cfg), indent=1, default=str))
 
     random.seed(cfg.seed); np.random.seed(cfg.seed); torch.manual_seed(cfg.seed)
-    sds, sampler, loader = build_loader(cfg, train_dir, world, rank)
+    sds, sampler, loader = build_loader(cfg, train_dir, world, rank, device)
     niter = sampler.num_samples // (cfg.batch_size // world)
     if cfg.max_iters: niter = min(niter, cfg.max_iters)
     model = build_model(cfg).to(device)
@@ -545,6 +622,8 @@ def setup_run(cfg: Config, device: torch.device, rank: int = 0, world: int = 1) 
     if run.main:
         run.log = MetricsLog(rd / 'metrics.jsonl', cfg.tensorboard)
         if ckpt is not None: run.log.truncate(run.start_epoch * niter + run.start_it)
+        if cfg.monitor_every and knn_train is not None and knn_val is not None:
+            run.monitor = KnnMonitor(knn_train, knn_val, cfg.eval_size, cfg.monitor_n, cfg.knn_k, cfg.knn_T, cfg.seed, device)
     return run
 
 # %% ../nbs/07_train.ipynb #4d7fce82
@@ -565,13 +644,24 @@ def restore_state(run: TrainingRun, ckpt: dict):
 
 def end_epoch(run: TrainingRun, epoch: int, stats: dict):
     "Main process, after each epoch: the epoch's metrics line, checkpoint_last.pth (+ a numbered copy), the loss curve."
+    if 'teacher_entropy' in stats:
+        stats['state'] = collapse_state(stats['teacher_entropy'], stats['teacher_kl_uniform'], run.cfg.out_dim)
     rec = dict(type='epoch', epoch=epoch, step=(epoch + 1) * run.niter - 1, **stats)
     run.log.log(rec)
     save_checkpoint(checkpoint_state(run, epoch + 1, 0), run.ck_path)
     if run.cfg.save_every and (epoch + 1) % run.cfg.save_every == 0:
         shutil.copyfile(run.ck_path, run.run_dir / f'checkpoint_{epoch + 1:04d}.pth')
     plot_loss_curve(run.run_dir)
-    print(f"epoch {epoch + 1}/{run.cfg.epochs}: loss {rec.get('loss', float('nan')):.4f}, {stats['time']:.1f} s")
+    print(f"epoch {epoch + 1}/{run.cfg.epochs}: loss {rec.get('loss', float('nan')):.4f}"
+          + (f", kNN {stats['knn']:.1f}% (monitor)" if stats.get('knn') is not None else '')
+          + (f", teacher entropy {stats['teacher_entropy']:.2f} of ln K = {math.log(run.cfg.out_dim):.2f} ({stats['state']})"
+             if 'state' in stats else '') + f", {stats['time']:.1f} s", flush=True)
+
+def monitor_knn(run: TrainingRun, epoch: int) -> float:
+    "Main process: the online kNN of the teacher backbone after `epoch` (-1: before training), logged as a 'monitor' record."
+    run.last_knn = run.monitor(run.model.teacher['backbone'])
+    run.log.log(dict(type='monitor', epoch=epoch, step=(epoch + 1) * run.niter - 1, knn=run.last_knn))
+    return run.last_knn
 
 # %% ../nbs/07_train.ipynb #460d039f
 _POSITION = ('type', 'epoch', 'iter', 'step')     # fields of a step record that are not averaged over the epoch
@@ -627,7 +717,8 @@ def train_one_epoch(run: TrainingRun, epoch: int, start_it: int = 0) -> dict:
             n += 1
             if run.main:
                 run.log.log(rec)
-                bar.set_postfix(loss=f'{lv:.4f}', lr=f"{rec['lr']:.2e}"); bar.update(1)
+                bar.set_postfix(loss=f'{lv:.3f}', H=f"{rec.get('teacher_entropy', float('nan')):.2f}",
+                                knn='-' if run.last_knn is None else f'{run.last_knn:.1f}'); bar.update(1)
             if cfg.save_every_iters and (i + 1) % cfg.save_every_iters == 0 and i + 1 < niter:
                 if run.main: save_checkpoint(checkpoint_state(run, epoch, i + 1), run.ck_path)
                 barrier()
@@ -646,12 +737,15 @@ def train(cfg: Config) -> dict:
         run = setup_run(cfg, device, rank, world)
         start_it, epoch_times = run.start_it, []
         run.model.train()
+        if run.monitor is not None and run.start_epoch == 0 and start_it == 0: monitor_knn(run, -1)   # random init
         for epoch in range(run.start_epoch, cfg.epochs):
             t0 = time.time()
             stats = train_one_epoch(run, epoch, start_it)
             stats = dict(time=time.time() - t0, **stats)
             epoch_times.append(stats['time'])
-            # per-epoch evaluation goes here (add its numbers to `stats`): before the checkpoint, which stores the RNG
+            # per-epoch evaluation: before the checkpoint, which stores the RNG
+            if run.monitor is not None and ((epoch + 1) % cfg.monitor_every == 0 or epoch + 1 == cfg.epochs):
+                stats['knn'] = monitor_knn(run, epoch)
             if run.main: end_epoch(run, epoch, stats)
             barrier()
             start_it = 0

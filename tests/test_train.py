@@ -58,14 +58,15 @@ def _run_cfg(tmp, scenes, name, **kw):
     return get_config('tiny', data=str(scenes), out=str(tmp / name), deterministic=True, **{**SMALL, **kw})
 
 
-def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, scenes):
+@pytest.mark.parametrize('loader', ['memory', 'folder'])
+def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, scenes, loader):
     torch.set_num_threads(1)
-    a = train(_run_cfg(tmp_path, scenes, 'a', save_every_iters=2))
+    a = train(_run_cfg(tmp_path, scenes, 'a', save_every_iters=2, loader=loader))
     la = [r['loss'] for r in read_metrics(a['run_dir'])]
     assert len(la) == 12                                        # 96 images / 16 = 6 iterations x 2 epochs
     # the same run in a subprocess that SIGKILLs itself right after step 4 (mid epoch 0; last save after 4 iterations,
     # so step 4 is lost and redone)
-    cfg_b = asdict(_run_cfg(tmp_path, scenes, 'b', save_every_iters=2))
+    cfg_b = asdict(_run_cfg(tmp_path, scenes, 'b', save_every_iters=2, loader=loader))
     code = ('import json, sys; from scfs.train import config_from_dict, train; '
             'train(config_from_dict(json.loads(sys.argv[1])))')
     p = subprocess.run([sys.executable, '-c', code, json.dumps(cfg_b)], capture_output=True, text=True,
@@ -74,7 +75,7 @@ def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, scenes):
     ck = load_checkpoint(tmp_path / 'b' / 'checkpoint_last.pth')
     assert (ck['epoch'], ck['iteration']) == (0, 4)
     assert len(read_metrics(tmp_path / 'b')) == 5              # steps 0..4 were logged before the kill
-    b = train(_run_cfg(tmp_path, scenes, 'b', save_every_iters=2, resume=True))
+    b = train(_run_cfg(tmp_path, scenes, 'b', save_every_iters=2, resume=True, loader=loader))
     lb = [r['loss'] for r in read_metrics(b['run_dir'])]
     assert lb == la                                             # bit-for-bit the same trajectory
     sa = load_checkpoint(tmp_path / 'a' / 'checkpoint_last.pth')['model']
@@ -83,6 +84,29 @@ def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, scenes):
     for k in sa: assert torch.equal(sa[k], sb[k]), k           # student, teacher and every loss centre
     assert [r['epoch'] for r in read_metrics(tmp_path / 'b', 'epoch')] == [0, 1]
     assert (tmp_path / 'b' / 'loss_curve.png').exists() and (tmp_path / 'b' / 'config.json').exists()
+
+
+def test_online_monitor_logs_knn_and_collapse_state(tmp_path, scenes, capsys):
+    r = train(_run_cfg(tmp_path, scenes, 'm', epochs=2, eval=True, eval_random=False, monitor_n=40, progress=True))
+    mons = read_metrics(r['run_dir'], 'monitor')
+    assert [m['epoch'] for m in mons] == [-1, 0, 1] and all(0 <= m['knn'] <= 100 for m in mons)
+    assert [m['step'] for m in mons] == [-1, 5, 11]            # 6 iterations per epoch; -1: before the first step
+    eps = read_metrics(r['run_dir'], 'epoch')
+    assert [e['knn'] for e in eps] == [m['knn'] for m in mons[1:]]
+    assert all(e['state'] in ('uniform', 'one-hot', 'ok') and 0 <= e['teacher_entropy'] <= math.log(128) + 1e-4 for e in eps)
+    steps = read_metrics(r['run_dir'])
+    assert all({'teacher_entropy', 'teacher_kl_uniform', 'teacher_student_kl'} <= set(s) for s in steps)
+    out = capsys.readouterr().out
+    assert 'kNN' in out and 'teacher entropy' in out and f"of ln K = {math.log(128):.2f}" in out
+    # the first reading is the untrained teacher: a fresh model with the same seed gives the same number
+    from scfs.train import KnnMonitor, build_model
+    cfg = _run_cfg(tmp_path, scenes, 'm2')
+    torch.manual_seed(cfg.seed); fresh = build_model(cfg)
+    mon = KnnMonitor(scenes / 'train', scenes / 'test', cfg.eval_size, n=40, seed=cfg.seed)
+    assert mon(fresh.teacher['backbone']) == mons[0]['knn']
+    # monitor_every=0 turns it off
+    r0 = train(_run_cfg(tmp_path, scenes, 'm0', epochs=1, max_iters=2, eval=False, monitor_every=0))
+    assert read_metrics(r0['run_dir'], 'monitor') == []
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, scenes, monkeypatch):

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_data.ipynb #d7cca3af
 from __future__ import annotations
-import os, json, math, time, shutil, warnings, io
+import os, json, math, time, shutil, warnings, io, argparse
 from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
@@ -12,9 +12,9 @@ import torch
 from torch.utils.data import Dataset
 
 # %% auto #0
-__all__ = ['SCENE_CLASSES', 'DEFAULT_SCENES', 'IMG_EXTENSIONS', 'quick_mode', 'ScfsError', 'make_scene', 'generate_scenes',
-           'ensure_scenes', 'load_boxes', 'to_rgb', 'ImageDataset', 'square_image', 'load_images', 'sample_photos',
-           'load_photo', 'add_cli']
+__all__ = ['SCENE_CLASSES', 'CLASS_FILLS', 'CLUTTER', 'DEFAULT_SCENES', 'IMG_EXTENSIONS', 'quick_mode', 'ScfsError', 'make_scene',
+           'scene_style', 'generate_scenes', 'ensure_scenes', 'load_boxes', 'to_rgb', 'ImageDataset', 'square_image',
+           'load_images', 'sample_photos', 'load_photo', 'add_cli']
 
 # %% ../nbs/00_data.ipynb #d9974089
 def quick_mode() -> bool:
@@ -25,8 +25,16 @@ class ScfsError(Exception):
     "A user-facing error: the CLI prints `scfs <cmd>: error: <msg>` and exits with code 2 (no traceback)."
 
 # %% ../nbs/00_data.ipynb #1a8d8cf6
-SCENE_CLASSES = ['circle', 'square', 'triangle', 'pentagon', 'hexagon', 'star',
-                 'cross', 'ring', 'crescent', 'heart', 'arrow', 'tee']
+SCENE_CLASSES = ['circle', 'square', 'triangle', 'star', 'cross', 'ring', 'crescent', 'heart', 'arrow', 'tee']
+# every class has its silhouette *and* its own fill pattern: (pattern, period as a fraction of the object side)
+CLASS_FILLS = {'circle': ('stripes', 0.25), 'square': ('dots', 0.3), 'triangle': ('checks', 0.3), 'star': ('plain', 0),
+               'cross': ('grid', 0.3), 'ring': ('spokes', 6), 'crescent': ('split', 0), 'heart': ('waves', 0.3),
+               'arrow': ('rings', 0.25), 'tee': ('zigzag', 0.3)}
+# how much of a scene is clutter: the object's side (fraction of the scene side), the number of distractor patches and
+# the background kinds; 'medium' is the default, the study in 12_experiments sweeps all three
+CLUTTER = {'low': dict(object_size=(0.5, 0.75), distractors=(1, 3), background='smooth'),
+           'medium': dict(object_size=(0.35, 0.6), distractors=(2, 4), background='smooth'),
+           'high': dict(object_size=(0.25, 0.45), distractors=(3, 6), background='mixed')}
 DEFAULT_SCENES = 'data/clutter-scenes'
 
 _PALETTE = np.array([[230, 60, 50], [245, 150, 40], [240, 220, 60], [90, 190, 70], [40, 160, 160], [60, 110, 220],
@@ -42,8 +50,6 @@ def _shape_polys(name):
     if name == 'circle':   return _regular(48)
     if name == 'square':   return _regular(4, 1.0, np.pi / 4)
     if name == 'triangle': return _regular(3)
-    if name == 'pentagon': return _regular(5)
-    if name == 'hexagon':  return _regular(6)
     if name == 'star':
         a = 2 * np.pi * np.arange(10) / 10; r = np.where(np.arange(10) % 2 == 0, 1.0, 0.42)
         return [np.stack([r * np.sin(a), -r * np.cos(a)], 1)]
@@ -105,8 +111,9 @@ def _texture(rng, size, kind=None, region=None):
         w = _smooth_noise(rng, size, int(rng.integers(4, 10)))[y0:y1, x0:x1]
     return c1 * (1 - w[..., None]) + c2 * w[..., None]
 
-def _background(rng, size):
-    kind = rng.integers(3)
+def _background(rng, size, kinds='mixed'):
+    "Smooth coloured noise or a gradient ('smooth'), or also low-contrast stripes / checks ('mixed'), plus grain."
+    kind = rng.integers(2 if kinds == 'smooth' else 3)
     if kind == 0:   # smooth coloured noise
         w = _smooth_noise(rng, size, int(rng.integers(3, 8)))[..., None]
         img = _colour(rng) * (1 - w) + _colour(rng) * w
@@ -118,6 +125,31 @@ def _background(rng, size):
         img = _texture(rng, size, ['stripes', 'checks'][rng.integers(2)])
         img = 0.6 * img + 0.4 * img.mean((0, 1))
     return img + rng.normal(0, 6, (size, size, 3))  # sensor-like grain
+
+def _class_fill(rng, size, region, pattern, period, centre):
+    "The object's fill: two random palette colours in the class's own `pattern` (period in pixels; spokes: their count)."
+    y0, y1, x0, x1 = region
+    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+    c1 = _colour(rng)
+    for _ in range(8):                                   # two colours that can be told apart
+        c2 = _colour(rng)
+        if np.linalg.norm(c1 - c2) > 80: break
+    a = rng.uniform(0, np.pi)
+    u = xx * np.cos(a) + yy * np.sin(a); v = -xx * np.sin(a) + yy * np.cos(a)
+    dx, dy = xx - centre[0], yy - centre[1]
+    if pattern == 'plain':     w = np.zeros_like(u)
+    elif pattern == 'stripes': w = np.sin(2 * np.pi * u / period) > 0
+    elif pattern == 'dots':    w = np.sin(np.pi * u / period) ** 2 * np.sin(np.pi * v / period) ** 2 > 0.35
+    elif pattern == 'checks':  w = (np.floor(u / period) + np.floor(v / period)) % 2 > 0
+    elif pattern == 'grid':    w = ((u / period) % 1 < 0.35) | ((v / period) % 1 < 0.35)
+    elif pattern == 'waves':   w = np.sin(2 * np.pi * u / period + 2 * np.sin(np.pi * v / period)) > 0
+    elif pattern == 'zigzag':  w = np.sin(2 * np.pi * (u + 2 * np.abs((v / period) % 1 - 0.5) * period) / period) > 0
+    elif pattern == 'rings':   w = np.sin(2 * np.pi * np.hypot(dx, dy) / period) > 0
+    elif pattern == 'spokes':  w = np.sin(period * np.arctan2(dy, dx) + a) > 0
+    elif pattern == 'split':   w = dx * np.cos(a) + dy * np.sin(a) > 0
+    else: raise KeyError(pattern)
+    w = np.asarray(w, dtype=np.float32)[..., None]
+    return c1 * (1 - w) + c2 * w
 
 # %% ../nbs/00_data.ipynb #527bac99
 _SS = 4  # supersampling factor for masks
@@ -158,23 +190,29 @@ def _paste(img, tex, mask, region):
 # %% ../nbs/00_data.ipynb #b1ec0b38
 _MIN_CONTRAST = 60.0  # minimal distance (RGB, 0-255) between the object's mean colour and that of what it covers
 
-def make_scene(rng: np.random.Generator, size: int = 64, label: int | None = None):
-    "One clutter scene -> (PIL RGB image, label, tight object box (x0, y0, x1, y1) in pixels, x1/y1 exclusive)."
+def make_scene(rng: np.random.Generator, size: int = 64, label: int | None = None, object_size=(0.35, 0.6),
+               distractors=(2, 4), background: str = 'smooth'):
+    """One clutter scene -> (PIL RGB image, label, tight object box (x0, y0, x1, y1) in pixels, x1/y1 exclusive).
+    `object_size`: range of the object's side as a fraction of the scene's; `distractors`: range of the number of
+    distractor patches; `background`: 'smooth' or 'mixed' (see `CLUTTER` for the named levels)."""
     if label is None: label = int(rng.integers(len(SCENE_CLASSES)))
-    img = _background(rng, size)
-    for _ in range(int(rng.integers(2, 5))):      # distractors first: the object is drawn on top
+    if background not in ('smooth', 'mixed'): raise ScfsError(f"background must be 'smooth' or 'mixed', not {background!r}")
+    img = _background(rng, size, background)
+    for _ in range(int(rng.integers(distractors[0], distractors[1] + 1))):   # distractors first: the object goes on top
         r = size * rng.uniform(0.08, 0.2)
         m = _poly_mask(_distractor_polys(rng), size, rng.uniform(0, size, 2), r, rng.uniform(0, 2 * np.pi))
         if (reg := _region(m)) is not None: img = _paste(img, _texture(rng, size, region=reg), m, reg)
-    side = size * rng.uniform(0.25, 0.5)         # object side: 25-50 % of the scene
-    polys = _POLYS[SCENE_CLASSES[label]]
+    side = size * rng.uniform(*object_size)
+    name = SCENE_CLASSES[label]
     centre = rng.uniform(side / 2 + 1, size - side / 2 - 1, 2)
-    m = _poly_mask(polys, size, centre, side / 2, rng.uniform(0, 2 * np.pi))
+    m = _poly_mask(_POLYS[name], size, centre, side / 2, rng.uniform(0, 2 * np.pi))
     reg = _region(m); y0, y1, x0, x1 = reg
     w = m[y0:y1, x0:x1, None] / m.sum()
     under = (img[y0:y1, x0:x1] * w).sum((0, 1))  # mean colour of what the object will cover
-    for _ in range(8):                           # keep the object visible: redraw a texture too close to its surroundings
-        tex = _texture(rng, size, region=reg)
+    pattern, period = CLASS_FILLS[name]
+    period = period if pattern == 'spokes' else max(period * side, 2.5)
+    for _ in range(8):                           # keep the object visible: redraw colours too close to its surroundings
+        tex = _class_fill(rng, size, reg, pattern, period, centre)
         if np.linalg.norm((tex * w).sum((0, 1)) - under) >= _MIN_CONTRAST: break
     img = _paste(img, tex, m, reg)
     ys, xs = np.nonzero(m > 0.25)
@@ -199,28 +237,45 @@ def _grid_with_boxes(items, ncol=8, scale=3):
 
 # %% ../nbs/00_data.ipynb #56c83ee3
 _SPLITS = {'train': 0, 'test': 1}
-_META_VERSION = 3  # bump whenever make_scene changes: ensure_scenes then regenerates
+_META_VERSION = 4  # bump whenever make_scene changes: ensure_scenes then regenerates
+
+def scene_style(clutter='medium', **knobs) -> dict:
+    "The `make_scene` knobs of a clutter level ('low', 'medium', 'high', or a dict of knobs), with `knobs` overriding."
+    if isinstance(clutter, dict): base = dict(CLUTTER['medium'], **clutter)
+    elif clutter in CLUTTER: base = dict(CLUTTER[clutter])
+    else: raise ScfsError(f"clutter must be one of {', '.join(CLUTTER)} (or a dict of knobs), not {clutter!r}")
+    base.update({k: v for k, v in knobs.items() if v is not None})
+    unknown = set(base) - set(CLUTTER['medium'])
+    if unknown: raise ScfsError(f'unknown scene knob(s) {sorted(unknown)}; known: {sorted(CLUTTER["medium"])}')
+    lo, hi = base['object_size'] = tuple(float(v) for v in base['object_size'])
+    if not 0 < lo <= hi < 1: raise ScfsError(f'object_size must be 0 < low <= high < 1, got {(lo, hi)}')
+    a, b = base['distractors'] = tuple(int(v) for v in base['distractors'])
+    if not 0 <= a <= b: raise ScfsError(f'distractors must be 0 <= low <= high, got {(a, b)}')
+    if base['background'] not in ('smooth', 'mixed'): raise ScfsError(f"background must be 'smooth' or 'mixed', not {base['background']!r}")
+    return base
 
 def _scene_job(args):
     "Worker: draw scenes `idx` of one split and write them; returns [(relpath, box)]."
-    out, split, idx, size, seed = args
+    out, split, idx, size, seed, style = args
     res = []
     for i in idx:
-        img, lab, box = make_scene(np.random.default_rng([seed, _SPLITS[split], i]), size, label=i % len(SCENE_CLASSES))
+        img, lab, box = make_scene(np.random.default_rng([seed, _SPLITS[split], i]), size, label=i % len(SCENE_CLASSES), **style)
         rel = f'{split}/{SCENE_CLASSES[lab]}/{i:05d}.png'
         img.save(Path(out) / rel, format='PNG', compress_level=6)
         res.append((rel, list(box)))
     return res
 
-def _meta(n_train, n_test, size, seed):
+def _meta(n_train, n_test, size, seed, style):
     return dict(version=_META_VERSION, kind='scfs-clutter-scenes', n_train=int(n_train), n_test=int(n_test),
-                size=int(size), seed=int(seed), classes=list(SCENE_CLASSES), complete=True)
+                size=int(size), seed=int(seed), classes=list(SCENE_CLASSES),
+                style={k: list(v) if isinstance(v, tuple) else v for k, v in style.items()}, complete=True)
 
 # %% ../nbs/00_data.ipynb #06244e4b
 def generate_scenes(out, n_train: int = 5000, n_test: int = 1000, size: int = 64, seed: int = 0, workers: int = 2,
-                    force: bool = False) -> Path:
-    "Write `out/{train,test}/<class>/NNNNN.png`, `out/boxes.json`, `out/meta.json` and `out/preview.png`."
-    out = Path(out)
+                    force: bool = False, clutter='medium') -> Path:
+    """Write `out/{train,test}/<class>/NNNNN.png`, `out/boxes.json`, `out/meta.json` and `out/preview.png`;
+    `clutter`: a level of `CLUTTER` or a dict of `make_scene` knobs (see `scene_style`)."""
+    out, style = Path(out), scene_style(clutter)
     if size < 16: raise ScfsError(f'scene size must be >= 16 pixels, got {size}')
     if n_train < 1 or n_test < 0: raise ScfsError(f'need at least 1 training image and >= 0 test images, got {n_train}/{n_test}')
     if out.exists() and not out.is_dir(): raise ScfsError(f'{out} exists and is not a folder')
@@ -230,12 +285,12 @@ def generate_scenes(out, n_train: int = 5000, n_test: int = 1000, size: int = 64
     for sub in ('train', 'test'):               # never leave stale images from an earlier, larger run
         if (out / sub).exists(): shutil.rmtree(out / sub)
     out.mkdir(parents=True, exist_ok=True)
-    (out / 'meta.json').write_text(json.dumps(dict(_meta(n_train, n_test, size, seed), complete=False)))  # marks the folder as ours
+    (out / 'meta.json').write_text(json.dumps(dict(_meta(n_train, n_test, size, seed, style), complete=False)))  # marks the folder as ours
     for split in ('train', 'test'):
         for c in SCENE_CLASSES: (out / split / c).mkdir(parents=True, exist_ok=True)
     jobs = []
     for split, n in (('train', n_train), ('test', n_test)):
-        for s in range(0, n, 250): jobs.append((str(out), split, list(range(s, min(n, s + 250))), size, seed))
+        for s in range(0, n, 250): jobs.append((str(out), split, list(range(s, min(n, s + 250))), size, seed, style))
     if workers and workers > 1 and len(jobs) > 1:
         import multiprocessing as mp
         ctx = mp.get_context('fork' if 'fork' in mp.get_all_start_methods() else 'spawn')
@@ -244,18 +299,19 @@ def generate_scenes(out, n_train: int = 5000, n_test: int = 1000, size: int = 64
         parts = [_scene_job(j) for j in jobs]
     boxes = {rel: box for part in parts for rel, box in part}
     (out / 'boxes.json').write_text(json.dumps(boxes, indent=0, sort_keys=True))
-    items = [make_scene(np.random.default_rng([seed, 0, i]), size, label=i % len(SCENE_CLASSES)) for i in range(min(n_train, 24))]
-    _grid_with_boxes(items, ncol=12, scale=max(1, 128 // size)).save(out / 'preview.png', format='PNG')
-    (out / 'meta.json').write_text(json.dumps(_meta(n_train, n_test, size, seed), indent=1))  # written last = complete
+    items = [make_scene(np.random.default_rng([seed, 0, i]), size, label=i % len(SCENE_CLASSES), **style) for i in range(min(n_train, 20))]
+    _grid_with_boxes(items, ncol=10, scale=max(1, 128 // size)).save(out / 'preview.png', format='PNG')
+    (out / 'meta.json').write_text(json.dumps(_meta(n_train, n_test, size, seed, style), indent=1))  # written last = complete
     return out
 
 def ensure_scenes(out=DEFAULT_SCENES, n_train: int = 5000, n_test: int = 1000, size: int = 64, seed: int = 0,
-                  workers: int = 2) -> Path:
+                  workers: int = 2, clutter='medium') -> Path:
     "Return `out`, generating the scenes first unless `out/meta.json` matches the parameters."
     out = Path(out)
-    try: ok = json.loads((out / 'meta.json').read_text()) == _meta(n_train, n_test, size, seed) and (out / 'boxes.json').exists()
+    want = _meta(n_train, n_test, size, seed, scene_style(clutter))
+    try: ok = json.loads((out / 'meta.json').read_text()) == want and (out / 'boxes.json').exists()
     except (OSError, ValueError): ok = False
-    return out if ok else generate_scenes(out, n_train, n_test, size, seed, workers)
+    return out if ok else generate_scenes(out, n_train, n_test, size, seed, workers, clutter=clutter)
 
 def load_boxes(scenes_root=DEFAULT_SCENES) -> dict:
     "`{'train/circle/00012.png': (x0, y0, x1, y1), ...}` from `scenes_root/boxes.json`."
@@ -386,11 +442,20 @@ def load_photo(name: str) -> Image.Image:
     raise ScfsError(f'no sample photo {name!r} in {_photos_dir()}; have: {[p.stem for p in sample_photos()]}')
 
 # %% ../nbs/00_data.ipynb #7286ab27
+def _pair(kind):
+    def parse(text):
+        try: a, b = (kind(v) for v in text.split(','))
+        except ValueError: raise argparse.ArgumentTypeError(f'expected two numbers "low,high", got {text!r}') from None
+        return (a, b)
+    return parse
+
 def _cli_scenes(args):
     t0 = time.time()
-    out = generate_scenes(args.out, args.train, args.test, args.size, args.seed, workers=args.workers, force=args.force)
+    style = scene_style(args.clutter, object_size=args.object_size, distractors=args.distractors, background=args.background)
+    out = generate_scenes(args.out, args.train, args.test, args.size, args.seed, workers=args.workers, force=args.force,
+                          clutter=style)
     print(f'wrote {args.train} train + {args.test} test scenes ({len(SCENE_CLASSES)} classes, {args.size}px, '
-          f'seed {args.seed}) to {out} in {time.time() - t0:.1f}s; preview: {out / "preview.png"}')
+          f'seed {args.seed}, {style}) to {out} in {time.time() - t0:.1f}s; preview: {out / "preview.png"}')
     return 0
 
 def add_cli(sub):
@@ -403,6 +468,11 @@ def add_cli(sub):
     p.add_argument('--test', type=int, default=1000, help='test images (default 1000)')
     p.add_argument('--size', type=int, default=64, help='side in pixels (default 64)')
     p.add_argument('--seed', type=int, default=0, help='random seed (default 0)')
+    p.add_argument('--clutter', default='medium', choices=list(CLUTTER),
+                   help='clutter level: ' + '; '.join(f'{k}: {v}' for k, v in CLUTTER.items()) + ' (default medium)')
+    p.add_argument('--object-size', dest='object_size', type=_pair(float), help='object side range as a fraction of the scene, e.g. 0.3,0.5 (overrides the level)')
+    p.add_argument('--distractors', type=_pair(int), help='range of the number of distractor patches, e.g. 2,4 (overrides the level)')
+    p.add_argument('--background', choices=('smooth', 'mixed'), help='background kinds (overrides the level)')
     p.add_argument('--workers', type=int, default=2, help='worker processes (default 2)')
     p.add_argument('--force', action='store_true', help='write into a non-empty folder that holds no scenes')
     p.set_defaults(func=_cli_scenes)

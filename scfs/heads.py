@@ -45,10 +45,12 @@ class DINOHead(nn.Module):
         self.in_dim, self.out_dim, self.bottleneck_dim = in_dim, out_dim, bottleneck_dim
         self.norm_last_layer = norm_last_layer
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        "The L2-normalised bottleneck feature z (what the prototypes of `last_layer` score; KoLeo spreads it)."
+        return F.normalize(self.mlp(x), dim=-1, p=2)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.mlp(x)
-        x = F.normalize(x, dim=-1, p=2)
-        return self.last_layer(x)
+        return self.last_layer(self.embed(x))
 
 # %% ../nbs/04_heads.ipynb #f4d31b5a
 def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer: int):

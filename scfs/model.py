@@ -15,20 +15,21 @@ import torch.distributed as dist
 from .backbone import MultiLayerBackbone, build_backbone
 from .search import search_features
 from .heads import DINOHead, SearchHead
-from .losses import DINOLoss, SearchLoss
+from .losses import DINOLoss, SearchLoss, koleo_loss
 
 # %% ../nbs/06_model.ipynb #57c11c12
 class Student(nn.ModuleDict):
     "`ModuleDict(backbone, head, layer_heads)`; `forward` computes every student output that needs a gradient."
     def forward(self, globals_: torch.Tensor, locals_: torch.Tensor | None = None) -> dict:
         """`globals_` (2B, 3, H, W) and `locals_` (nB, 3, h, w), crop-major. Returns dict(head=(2B+nB, K) DINO-head
-        outputs [globals, locals]; per search layer l: f'{l}/global' (2B, D), f'{l}/local' (nB, D) search-head outputs and
+        outputs [globals, locals], z=(2B, D) the head's normalised bottleneck of the global views; per search layer l: f'{l}/global' (2B, D), f'{l}/local' (nB, D) search-head outputs and
         f'{l}/local_map' (nB, C, h', w') the raw local maps (the search queries))."""
         bb, layer_heads = self["backbone"], self["layer_heads"]
         g = bb(globals_)
         loc = bb(locals_) if locals_ is not None else None
         pooled = g["pooled"] if loc is None else torch.cat([g["pooled"], loc["pooled"]])
-        out = {"head": self["head"](pooled)}
+        z = self["head"].embed(pooled)
+        out = {"head": self["head"].last_layer(z), "z": z[:len(globals_)]}
         for l, lh in layer_heads.items():
             out[f"{l}/global"] = lh(g[l])
             if loc is not None:
@@ -72,14 +73,17 @@ def _layer_weights(layer_weights, layers) -> dict:
 class SCFS(nn.Module):
     """SCFS (or the DINO baseline with `method='dino'`): student, EMA teacher, all losses; `forward(crops, epoch)` -> dict of loss terms.
     Search heads: `layer_out_dim` outputs, `layer_hidden` (default `head_hidden`) hidden units, bottleneck `layer_bottleneck`
-    (None = C/4, a float = fraction of the layer's channels C, an int = that width for every layer)."""
+    (None = C/4, a float = fraction of the layer's channels C, an int = that width for every layer).
+    `centering` ('ema': DINO's running centre, 'sinkhorn': DINOv2's Sinkhorn-Knopp) and `koleo_weight` (KoLeo on the
+    DINO head's bottleneck z of the global views, 0: off) are the remedies of `05_losses` for short CPU runs."""
     def __init__(self, backbone='small', method: str = "scfs", n_local: int = 6, out_dim: int = 4096,
                  head_hidden: int = 2048, head_bottleneck: int = 256, head_bn: bool = False, norm_last_layer: bool = True,
                  search_layers=("layer2", "layer3", "layer4"), layer_weights=None, layer_out_dim: int = 256,
                  search_softmax: bool = False, search_keys: str = "first", warmup_teacher_temp: float = 0.04,
                  teacher_temp: float = 0.04, warmup_teacher_temp_epochs: int = 0, epochs: int = 100,
                  student_temp: float = 0.1, center_momentum: float = 0.9, layer_hidden: int | None = None,
-                 layer_bottleneck: int | None = None, search_temperature: float = 1.0):
+                 layer_bottleneck: int | None = None, search_temperature: float = 1.0, centering: str = "ema",
+                 koleo_weight: float = 0.0):
         super().__init__()
         if method not in ("scfs", "dino"): raise ValueError(f"method must be 'scfs' or 'dino', got {method!r}")
         if search_keys not in ("first", "both"): raise ValueError(f"search_keys must be 'first' or 'both', got {search_keys!r}")
@@ -104,7 +108,8 @@ class SCFS(nn.Module):
         temps = dict(warmup_teacher_temp=warmup_teacher_temp, teacher_temp=teacher_temp,
                      warmup_teacher_temp_epochs=warmup_teacher_temp_epochs, n_epochs=epochs, student_temp=student_temp,
                      center_momentum=center_momentum)
-        self.losses = nn.ModuleDict(dict(dino=DINOLoss(out_dim, 2 + n_local, **temps),
+        self.koleo_weight = float(koleo_weight)
+        self.losses = nn.ModuleDict(dict(dino=DINOLoss(out_dim, 2 + n_local, centering=centering, **temps),
                                          **{l: SearchLoss(layer_out_dim, **temps) for l in self.search_layers}))
 
     # --- modes, DDP, EMA -------------------------------------------------------------------------------------------
@@ -147,7 +152,7 @@ class SCFS(nn.Module):
 
     def forward(self, crops, epoch: int = 0) -> dict:
         """`crops`: list of (B, 3, s, s) tensors, 2 global views (same size) then the local crops (same size).
-        Returns dict(loss, dino, the DINO loss's collapse diagnostics (`teacher_stats`), per search layer l: f'{l}/global', f'{l}/local', f'{l}' (its weighted-in term),
+        Returns dict(loss, dino, koleo (if koleo_weight), the DINO loss's collapse diagnostics (`teacher_stats`), per search layer l: f'{l}/global', f'{l}/local', f'{l}' (its weighted-in term),
         maps={l: (V*n*B, H, W) search maps, detached}); all terms but 'loss' are detached."""
         if len(crops) < 2: raise ValueError("need at least the 2 global views")
         globals_ = torch.cat(crops[:2])
@@ -160,6 +165,10 @@ class SCFS(nn.Module):
         dino = self.losses["dino"](s["head"], t_head, epoch)
         out = {"dino": dino.detach(), **self.losses["dino"].stats}     # + teacher_entropy, teacher_kl_uniform, ...
         total, maps = dino, {}
+        if self.koleo_weight:                                          # per global view, as DINOv2 does
+            koleo = sum(koleo_loss(z) for z in s["z"].chunk(2)) / 2
+            total = total + self.koleo_weight * koleo
+            out["koleo"] = koleo.detach()
         if self.search_layers and n_local == 0: raise ValueError("method 'scfs' needs local crops")
         for l in self.search_layers:
             th = self.teacher["layer_heads"][l]

@@ -42,6 +42,7 @@ class Config:
     scenes_train: int = 5000
     scenes_test: int = 1000
     scenes_size: int = 64
+    scenes_clutter: str = 'medium'      # clutter level of the generated scenes (scfs.data.CLUTTER)
     subset: int = 0                     # >0: pretrain on a fixed random subset of this many images
     knn_train: str | None = None        # labelled folders for the final kNN; None: <data>/train and <data>/test
     knn_val: str | None = None
@@ -67,6 +68,7 @@ class Config:
     local_scale: tuple = (0.1, 0.4)
     photometric: bool = True
     jitter: tuple = (0.4, 0.4, 0.2, 0.1)            # colour jitter strength: brightness, contrast, saturation, hue
+    p_jitter: float = 0.8                           # probability of colour jitter per view
     p_grey: float = 0.2                             # probability of a greyscale view
     loader: str = 'memory'                          # 'memory': BatchMultiCrop on images held in memory; 'folder': MultiCrop in workers
     memory_size: int = 64                           # loader='memory': images are stored as memory_size x memory_size
@@ -88,6 +90,8 @@ class Config:
     warmup_teacher_temp_epochs: int = 0
     student_temp: float = 0.1
     center_momentum: float = 0.9
+    centering: str = 'ema'              # DINO loss targets: 'ema' (DINO's running centre) or 'sinkhorn' (DINOv2)
+    koleo_weight: float = 0.0           # KoLeo on the DINO head's bottleneck z (DINOv2's regulariser; 0: off)
     # run
     out: str | None = None              # run folder; None: runs/<preset>-<method>
     seed: int = 0
@@ -216,6 +220,7 @@ def validate_config(cfg: Config):
     if cfg.resume and cfg.force: bad('--resume and --force are incompatible (resume continues a run, force deletes it)')
     if cfg.lr <= 0 or cfg.min_lr < 0: bad('lr must be > 0 and min_lr >= 0')
     if cfg.search_keys not in ('first', 'both'): bad(f"search_keys must be 'first' or 'both', not {cfg.search_keys!r}")
+    if cfg.centering not in ('ema', 'sinkhorn'): bad(f"centering must be 'ema' or 'sinkhorn', not {cfg.centering!r}")
     if cfg.loader not in ('memory', 'folder'): bad(f"loader must be 'memory' or 'folder', not {cfg.loader!r}")
     if len(cfg.jitter) != 4 or min(cfg.jitter) < 0: bad(f'jitter needs 4 non-negative strengths (brightness, contrast, saturation, hue), got {cfg.jitter}')
 
@@ -311,7 +316,8 @@ def build_model(cfg: Config) -> nn.Module:
               layer_weights=cfg.layer_weights, layer_out_dim=cfg.layer_out_dim, search_softmax=cfg.search_softmax,
               search_keys=cfg.search_keys, warmup_teacher_temp=cfg.warmup_teacher_temp, teacher_temp=cfg.teacher_temp,
               warmup_teacher_temp_epochs=cfg.warmup_teacher_temp_epochs, epochs=cfg.epochs,
-              student_temp=cfg.student_temp, center_momentum=cfg.center_momentum)
+              student_temp=cfg.student_temp, center_momentum=cfg.center_momentum, centering=cfg.centering,
+              koleo_weight=cfg.koleo_weight)
     if cfg.backbone_kw:
         kw['backbone'] = build_backbone(cfg.backbone, **cfg.backbone_kw)
     return SCFS(**kw)
@@ -493,7 +499,8 @@ def _resolve_data(cfg: Config) -> tuple:
     if cfg.generate and Path(cfg.data) == Path(DEFAULT_SCENES):
         if is_main():
             t = time.time()
-            ensure_scenes(cfg.data, n_train=cfg.scenes_train, n_test=cfg.scenes_test, size=cfg.scenes_size)
+            ensure_scenes(cfg.data, n_train=cfg.scenes_train, n_test=cfg.scenes_test, size=cfg.scenes_size,
+                          clutter=cfg.scenes_clutter)
             if time.time() - t > 2: print(f'generated the clutter scenes in {data} ({time.time() - t:.0f} s)', flush=True)
         barrier()
     if not data.is_dir(): raise ScfsError(f'data folder not found: {data}')
@@ -508,7 +515,7 @@ def _views(cfg: Config, kind):
     "The multi-crop transform of `cfg`: `MultiCrop` (one PIL image) or `BatchMultiCrop` (a uint8 batch)."
     return kind(global_size=cfg.global_size, local_size=cfg.local_size, n_local=cfg.n_local,
                 global_scale=tuple(cfg.global_scale), local_scale=tuple(cfg.local_scale), photometric=cfg.photometric,
-                jitter=tuple(cfg.jitter), p_grey=cfg.p_grey)
+                jitter=tuple(cfg.jitter), p_jitter=cfg.p_jitter, p_grey=cfg.p_grey)
 
 def build_loader(cfg: Config, train_dir, world: int = 1, rank: int = 0, device='cpu'):
     """(dataset-or-loader with an `epoch` attribute, ResumableSampler, iterable of batches) for multi-crop pretraining

@@ -12,9 +12,10 @@ import torch
 from torch.utils.data import Dataset
 
 # %% auto #0
-__all__ = ['SCENE_CLASSES', 'CLASS_FILLS', 'CLUTTER', 'DEFAULT_SCENES', 'IMG_EXTENSIONS', 'quick_mode', 'ScfsError', 'make_scene',
-           'scene_style', 'generate_scenes', 'ensure_scenes', 'load_boxes', 'to_rgb', 'ImageDataset', 'square_image',
-           'load_images', 'sample_photos', 'load_photo', 'add_cli']
+__all__ = ['SCENE_CLASSES', 'CLASS_FILLS', 'CLUTTER', 'DEFAULT_SCENES', 'DEFAULT_CLUTTER', 'IMG_EXTENSIONS', 'quick_mode',
+           'ScfsError', 'make_scene', 'scene_style', 'generate_scenes', 'ensure_scenes', 'load_boxes', 'to_rgb',
+           'ImageDataset', 'square_image', 'load_images', 'sample_photos', 'load_photo', 'add_cli', 'rrc_boxes',
+           'covered', 'local_crop_coverage', 'clutter_stats']
 
 # %% ../nbs/00_data.ipynb #d9974089
 def quick_mode() -> bool:
@@ -31,11 +32,12 @@ CLASS_FILLS = {'circle': ('stripes', 0.25), 'square': ('dots', 0.3), 'triangle':
                'cross': ('grid', 0.3), 'ring': ('spokes', 6), 'crescent': ('split', 0), 'heart': ('waves', 0.3),
                'arrow': ('rings', 0.25), 'tee': ('zigzag', 0.3)}
 # how much of a scene is clutter: the object's side (fraction of the scene side), the number of distractor patches and
-# the background kinds; 'medium' is the default, the study in 12_experiments sweeps all three
+# the background kinds. The default is 'low' (the level the tiny preset learns in minutes); 12_experiments sweeps all three
 CLUTTER = {'low': dict(object_size=(0.5, 0.75), distractors=(1, 3), background='smooth'),
            'medium': dict(object_size=(0.35, 0.6), distractors=(2, 4), background='smooth'),
            'high': dict(object_size=(0.25, 0.45), distractors=(3, 6), background='mixed')}
 DEFAULT_SCENES = 'data/clutter-scenes'
+DEFAULT_CLUTTER = 'low'
 
 _PALETTE = np.array([[230, 60, 50], [245, 150, 40], [240, 220, 60], [90, 190, 70], [40, 160, 160], [60, 110, 220],
                      [150, 80, 200], [230, 110, 170], [140, 90, 50], [235, 235, 235], [90, 90, 90], [30, 30, 40]],
@@ -190,8 +192,8 @@ def _paste(img, tex, mask, region):
 # %% ../nbs/00_data.ipynb #b1ec0b38
 _MIN_CONTRAST = 60.0  # minimal distance (RGB, 0-255) between the object's mean colour and that of what it covers
 
-def make_scene(rng: np.random.Generator, size: int = 64, label: int | None = None, object_size=(0.35, 0.6),
-               distractors=(2, 4), background: str = 'smooth'):
+def make_scene(rng: np.random.Generator, size: int = 64, label: int | None = None, object_size=(0.5, 0.75),
+               distractors=(1, 3), background: str = 'smooth'):
     """One clutter scene -> (PIL RGB image, label, tight object box (x0, y0, x1, y1) in pixels, x1/y1 exclusive).
     `object_size`: range of the object's side as a fraction of the scene's; `distractors`: range of the number of
     distractor patches; `background`: 'smooth' or 'mixed' (see `CLUTTER` for the named levels)."""
@@ -239,14 +241,14 @@ def _grid_with_boxes(items, ncol=8, scale=3):
 _SPLITS = {'train': 0, 'test': 1}
 _META_VERSION = 4  # bump whenever make_scene changes: ensure_scenes then regenerates
 
-def scene_style(clutter='medium', **knobs) -> dict:
+def scene_style(clutter=DEFAULT_CLUTTER, **knobs) -> dict:
     "The `make_scene` knobs of a clutter level ('low', 'medium', 'high', or a dict of knobs), with `knobs` overriding."
-    if isinstance(clutter, dict): base = dict(CLUTTER['medium'], **clutter)
+    if isinstance(clutter, dict): base = dict(CLUTTER[DEFAULT_CLUTTER], **clutter)
     elif clutter in CLUTTER: base = dict(CLUTTER[clutter])
     else: raise ScfsError(f"clutter must be one of {', '.join(CLUTTER)} (or a dict of knobs), not {clutter!r}")
     base.update({k: v for k, v in knobs.items() if v is not None})
-    unknown = set(base) - set(CLUTTER['medium'])
-    if unknown: raise ScfsError(f'unknown scene knob(s) {sorted(unknown)}; known: {sorted(CLUTTER["medium"])}')
+    unknown = set(base) - set(CLUTTER[DEFAULT_CLUTTER])
+    if unknown: raise ScfsError(f'unknown scene knob(s) {sorted(unknown)}; known: {sorted(CLUTTER[DEFAULT_CLUTTER])}')
     lo, hi = base['object_size'] = tuple(float(v) for v in base['object_size'])
     if not 0 < lo <= hi < 1: raise ScfsError(f'object_size must be 0 < low <= high < 1, got {(lo, hi)}')
     a, b = base['distractors'] = tuple(int(v) for v in base['distractors'])
@@ -272,7 +274,7 @@ def _meta(n_train, n_test, size, seed, style):
 
 # %% ../nbs/00_data.ipynb #06244e4b
 def generate_scenes(out, n_train: int = 5000, n_test: int = 1000, size: int = 64, seed: int = 0, workers: int = 2,
-                    force: bool = False, clutter='medium') -> Path:
+                    force: bool = False, clutter=DEFAULT_CLUTTER) -> Path:
     """Write `out/{train,test}/<class>/NNNNN.png`, `out/boxes.json`, `out/meta.json` and `out/preview.png`;
     `clutter`: a level of `CLUTTER` or a dict of `make_scene` knobs (see `scene_style`)."""
     out, style = Path(out), scene_style(clutter)
@@ -305,7 +307,7 @@ def generate_scenes(out, n_train: int = 5000, n_test: int = 1000, size: int = 64
     return out
 
 def ensure_scenes(out=DEFAULT_SCENES, n_train: int = 5000, n_test: int = 1000, size: int = 64, seed: int = 0,
-                  workers: int = 2, clutter='medium') -> Path:
+                  workers: int = 2, clutter=DEFAULT_CLUTTER) -> Path:
     "Return `out`, generating the scenes first unless `out/meta.json` matches the parameters."
     out = Path(out)
     want = _meta(n_train, n_test, size, seed, scene_style(clutter))
@@ -468,8 +470,8 @@ def add_cli(sub):
     p.add_argument('--test', type=int, default=1000, help='test images (default 1000)')
     p.add_argument('--size', type=int, default=64, help='side in pixels (default 64)')
     p.add_argument('--seed', type=int, default=0, help='random seed (default 0)')
-    p.add_argument('--clutter', default='medium', choices=list(CLUTTER),
-                   help='clutter level: ' + '; '.join(f'{k}: {v}' for k, v in CLUTTER.items()) + ' (default medium)')
+    p.add_argument('--clutter', default=DEFAULT_CLUTTER, choices=list(CLUTTER),
+                   help='clutter level: ' + '; '.join(f'{k}: {v}' for k, v in CLUTTER.items()) + f' (default {DEFAULT_CLUTTER})')
     p.add_argument('--object-size', dest='object_size', type=_pair(float), help='object side range as a fraction of the scene, e.g. 0.3,0.5 (overrides the level)')
     p.add_argument('--distractors', type=_pair(int), help='range of the number of distractor patches, e.g. 2,4 (overrides the level)')
     p.add_argument('--background', choices=('smooth', 'mixed'), help='background kinds (overrides the level)')
@@ -477,3 +479,32 @@ def add_cli(sub):
     p.add_argument('--force', action='store_true', help='write into a non-empty folder that holds no scenes')
     p.set_defaults(func=_cli_scenes)
     return p
+
+# %% ../nbs/00_data.ipynb #f4b4709b
+def rrc_boxes(g: np.random.Generator, n: int, W: int, H: int, scale=(0.05, 0.25), ratio=(3 / 4, 4 / 3)) -> np.ndarray:
+    "n RandomResizedCrop-style boxes (x0, y0, x1, y1) (numpy sampling, same distribution; boxes are clipped to the image)."
+    area = W * H * g.uniform(*scale, n)
+    ar = np.exp(g.uniform(np.log(ratio[0]), np.log(ratio[1]), n))
+    w = np.clip(np.round(np.sqrt(area * ar)), 1, W); h = np.clip(np.round(np.sqrt(area / ar)), 1, H)
+    x0 = np.floor(g.uniform(0, 1, n) * (W - w + 1)); y0 = np.floor(g.uniform(0, 1, n) * (H - h + 1))
+    return np.stack([x0, y0, x0 + w, y0 + h], 1)
+
+def covered(crops: np.ndarray, box) -> np.ndarray:
+    "Fraction of the object box inside each crop."
+    iw = np.clip(np.minimum(crops[:, 2], box[2]) - np.maximum(crops[:, 0], box[0]), 0, None)
+    ih = np.clip(np.minimum(crops[:, 3], box[3]) - np.maximum(crops[:, 1], box[1]), 0, None)
+    return iw * ih / ((box[2] - box[0]) * (box[3] - box[1]))
+
+def local_crop_coverage(boxes, size: int, scale=(0.05, 0.25), n_crops: int = 8, seed: int = 0) -> np.ndarray:
+    "For each object box (x0, y0, x1, y1) of a `size` x `size` scene, `n_crops` random local crops -> their coverages (flat)."
+    g = np.random.default_rng(seed)
+    return np.concatenate([covered(rrc_boxes(g, n_crops, size, size, scale), b) for b in np.asarray(boxes, dtype=np.float64)])
+
+def clutter_stats(clutter=DEFAULT_CLUTTER, n: int = 300, size: int = 64, scale=(0.05, 0.25), seed: int = 0) -> dict:
+    "Object-box area and local-crop coverage of `n` scenes of a clutter level (drawn like the training split)."
+    style = scene_style(clutter)
+    boxes = np.array([make_scene(np.random.default_rng([seed, 0, i]), size, label=i % len(SCENE_CLASSES), **style)[2]
+                      for i in range(n)], dtype=np.float64)
+    cov = local_crop_coverage(boxes, size, scale, seed=seed)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / size ** 2
+    return dict(object_area=float(np.median(area)), no_object=float((cov == 0).mean()), object_free=float((cov < 0.1).mean()))

@@ -10,24 +10,34 @@ from pathlib import Path
 import torch
 
 # %% auto #0
-__all__ = ['MAIN', 'ABLATIONS', 'ABLATION_AXES', 'METRICS', 'RESULTS', 'STUDY_EPOCHS', 'STUDY_TRAIN', 'STUDY_SUBSET',
+__all__ = ['MAIN', 'ABLATIONS', 'ABLATION_AXES', 'SWEEP_LEVELS', 'SWEEP', 'METRICS', 'RESULTS', 'STUDY_EPOCHS',
            'attach_step_curves', 'attention_scores', 'evaluate_run', 'run_one', 'load_results', 'save_results',
            'run_study', 'summarise', 'paired_difference', 'write_csv', 'verdict', 'study_plan', 'run_plan',
-           'evaluate_random']
+           'merge_shards', 'evaluate_random']
 
 # %% ../nbs/12_experiments.ipynb #cef06d3f
+def _w(n):
+    "The tiny preset's weight per search layer, for `n` layers (ablations that search fewer layers keep the same weight each)."
+    from scfs.train import Config
+    return (Config().layer_weights or (1.0,))[:1] * n
+
 MAIN = {'dino': dict(method='dino'), 'scfs': dict(method='scfs')}
 ABLATIONS = {
-    'scfs-L4':       dict(method='scfs', search_layers=('layer4',)),
-    'scfs-L34':      dict(method='scfs', search_layers=('layer3', 'layer4')),
+    'scfs-L4':       dict(method='scfs', search_layers=('layer4',), layer_weights=_w(1)),
+    'scfs-L34':      dict(method='scfs', search_layers=('layer3', 'layer4'), layer_weights=_w(2)),
     'scfs-softmax':  dict(method='scfs', search_softmax=True),
     'scfs-bothkeys': dict(method='scfs', search_keys='both'),
+    'scfs-w1':       dict(method='scfs', layer_weights=(1.0, 1.0, 1.0)),
 }
 ABLATION_AXES = {  # axis -> [(label, config name)], the main `scfs` run is the shared reference point
     'search layers': [('{4}', 'scfs-L4'), ('{3,4}', 'scfs-L34'), ('{2,3,4}', 'scfs')],
     'search map': [('cosine (official)', 'scfs'), ('softmax', 'scfs-softmax')],
     'keys': [('first global view (official)', 'scfs'), ('both global views', 'scfs-bothkeys')],
+    'search-loss weight per layer': [('tiny preset', 'scfs'), ('1 (official)', 'scfs-w1')],
 }
+# the clutter sweep: the main pair again on more cluttered scenes (the default scenes are 'low')
+SWEEP_LEVELS = ('medium', 'high')
+SWEEP = {f'{m}@{lvl}': dict(method=m, clutter=lvl) for lvl in SWEEP_LEVELS for m in ('dino', 'scfs')}
 
 # %% ../nbs/12_experiments.ipynb #503d2fc1
 def _jsonable(x):
@@ -215,25 +225,31 @@ RESULTS = 'nbs/results/experiments.json'
 
 def study_plan(quick=False, root='runs/study', results_path=None) -> dict:
     "Configs, seeds, base overrides and paths of the study (full or quick)."
+    levels = ('low',) + SWEEP_LEVELS
     if quick:
-        base = dict(preset='tiny', epochs=1, batch_size=16, workers=0)
-        return dict(configs={**MAIN, **ABLATIONS}, seeds={**{n: [0, 1] for n in MAIN}, **{n: [0] for n in ABLATIONS}},
-                    base=base, scenes=dict(out=f'{root}/scenes-quick', n_train=64, n_test=40, size=64, seed=0),
+        base = dict(preset='tiny', epochs=1, batch_size=16, workers=0, monitor_every=0)
+        return dict(configs={**MAIN, **ABLATIONS, **SWEEP},
+                    seeds={**{n: [0, 1] for n in MAIN}, **{n: [0] for n in {**ABLATIONS, **SWEEP}}},
+                    base=base, scenes={l: dict(out=f'{root}/scenes-quick-{l}', n_train=64, n_test=40, size=64, seed=0,
+                                               clutter=l) for l in levels},
                     out_root=f'{root}/quick', results_path=results_path or f'{root}/quick/experiments.json',
                     attention_images=4)
-    base = dict(preset='tiny', epochs=STUDY_EPOCHS, subset=STUDY_SUBSET, workers=0, threads=1)
-    return dict(configs={**MAIN, **ABLATIONS},
-                seeds={**{n: [0, 1, 2] for n in MAIN}, **{n: [0] for n in ABLATIONS}},
-                base=base, scenes=dict(out=f'{root}/scenes', n_train=STUDY_TRAIN, n_test=1000, size=64, seed=0),
+    base = dict(preset='tiny', epochs=STUDY_EPOCHS, workers=0, threads=1, monitor_every=3)
+    return dict(configs={**MAIN, **SWEEP, **ABLATIONS},
+                seeds={**{n: [0, 1, 2] for n in {**MAIN, **SWEEP}}, **{n: [0] for n in ABLATIONS}},
+                base=base, scenes={l: dict(out=f'{root}/scenes-{l}', n_train=5000, n_test=1000, size=64, seed=0, clutter=l)
+                                   for l in levels},
                 out_root=f'{root}/full', results_path=results_path or RESULTS, attention_images=64)
 
-STUDY_EPOCHS, STUDY_TRAIN, STUDY_SUBSET = 4, 2000, 1000
+STUDY_EPOCHS = 12
 
 def _ordered_jobs(plan):
-    "Main pairs seed by seed first, then the ablations: a study cut short still has paired main runs."
-    seeds = plan['seeds']
-    jobs = [(n, s) for s in sorted({s for n in MAIN for s in seeds.get(n, [])}) for n in MAIN if s in seeds.get(n, [])]
-    jobs += [(n, s) for n in plan['configs'] if n not in MAIN for s in seeds.get(n, [])]
+    """Seed by seed, the (DINO, SCFS) pair of every clutter level, then the ablations: a study cut short still has
+    paired runs. With two shards (`run_plan(shard=...)`) one runs every DINO job and the other the matching SCFS job."""
+    seeds, cfgs = plan['seeds'], plan['configs']
+    pairs = [n for n in cfgs if cfgs[n].get('method') in ('dino', 'scfs') and n in {**MAIN, **SWEEP}]
+    jobs = [(n, s) for s in sorted({s for n in pairs for s in seeds.get(n, [])}) for n in pairs if s in seeds.get(n, [])]
+    jobs += [(n, s) for n in cfgs if n not in pairs for s in seeds.get(n, [])]
     return jobs
 
 def _sha(mod):
@@ -242,34 +258,54 @@ def _sha(mod):
     p = Path(__file__).parent / f'{mod}.py' if '__file__' in globals() else Path('scfs') / f'{mod}.py'
     return hashlib.sha256(p.read_bytes()).hexdigest()[:12] if p.exists() else None
 
-def run_plan(plan, log=print) -> list[dict]:
-    "Generate the scenes if needed and run every job of `plan` (resumable)."
+def _shard_path(path, shard):
+    p = Path(path); return p.with_name(f'{p.stem}.shard{shard[0]}of{shard[1]}{p.suffix}')
+
+def run_plan(plan, shard=None, log=print) -> list[dict]:
+    """Generate the scenes if needed and run every job of `plan` (resumable). `shard=(i, n)` runs every n-th job
+    from the i-th into its own results file (run n processes side by side, then `merge_shards`)."""
     import platform
     from scfs.data import ensure_scenes
-    scenes = ensure_scenes(**plan['scenes'])
-    base = dict(plan['base'], data=str(scenes))
-    meta = dict(machine=f"{platform.machine()} {os.cpu_count()} CPU cores (torch threads {torch.get_num_threads()})",
+    cfgs = plan['configs']
+    levels = sorted({c.get('clutter', 'low') for c in cfgs.values()})
+    dirs = {l: str(ensure_scenes(**plan['scenes'][l])) for l in levels}
+    configs = {n: {**{k: v for k, v in c.items() if k != 'clutter'}, 'data': dirs[c.get('clutter', 'low')]}
+               for n, c in cfgs.items()}
+    base = dict(plan['base'], data=dirs['low'])
+    path = _shard_path(plan['results_path'], shard) if shard else plan['results_path']
+    meta = dict(machine=f"{platform.machine()} {os.cpu_count()} CPU cores (torch threads {plan['base'].get('threads') or torch.get_num_threads()})",
                 torch=torch.__version__, started=time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()), plan=plan,
                 code={m: _sha(m) for m in ('train', 'model', 'search', 'losses', 'heads', 'augment', 'evaluate', 'maps')})
-    results = load_results(plan['results_path'])
-    if results: meta['started'] = json.loads(Path(plan['results_path']).read_text())['meta'].get('started', meta['started'])
-    t0 = time.perf_counter()
-    out = []
-    for name, seed in _ordered_jobs(plan):
-        out = run_study({name: plan['configs'][name]}, [seed], results_path=plan['results_path'], base=base,
-                        out_root=plan['out_root'], meta=meta, attention_images=plan['attention_images'], log=log)
+    if load_results(path): meta['started'] = json.loads(Path(path).read_text())['meta'].get('started', meta['started'])
+    jobs = _ordered_jobs(plan)
+    if shard: jobs = jobs[shard[0]::shard[1]]
+    out = load_results(path)
+    for name, seed in jobs:
+        out = run_study({name: configs[name]}, [seed], results_path=path, base=base, out_root=plan['out_root'],
+                        meta=meta, attention_images=plan['attention_images'], log=log)
     meta.update(finished=time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()))
-    save_results(out, plan['results_path'], meta)
+    save_results(out, path, meta)
     return out
 
+def merge_shards(plan, n: int = 2) -> list[dict]:
+    "Combine the shard files of `plan` into its results file (runs in job order; meta of shard 0 plus each shard's times)."
+    parts = [(_shard_path(plan['results_path'], (i, n))) for i in range(n)]
+    runs = {(r['name'], r['seed']): r for p in parts for r in load_results(p)}
+    order = [j for j in _ordered_jobs(plan) if j in runs]
+    metas = [json.loads(p.read_text())['meta'] for p in parts if p.exists()]
+    meta = dict(metas[0], shards=[{k: m.get(k) for k in ('started', 'finished')} for m in metas]) if metas else {}
+    save_results([runs[j] for j in order], plan['results_path'], meta)
+    return [runs[j] for j in order]
+
+
 # %% ../nbs/12_experiments.ipynb #87f3aa1f
-def evaluate_random(scenes, size, seeds=(0,), backbone='small') -> dict:
+def evaluate_random(scenes, size, seeds=(0,), backbone='small', backbone_kw=None) -> dict:
     "kNN / linear accuracy (%) of random-init backbones (one per seed), evaluated exactly like trained ones."
     from scfs.evaluate import load_backbone, extract_features, knn_classify, linear_probe
     out = []
     for sd in seeds:
         torch.manual_seed(sd)
-        bb, _ = load_backbone(None, backbone=backbone)
+        bb, _ = load_backbone(None, backbone=backbone, backbone_kw=backbone_kw)
         trf, trl = extract_features(bb, Path(scenes) / 'train', size)
         tef, tel = extract_features(bb, Path(scenes) / 'test', size)
         out.append(dict(knn=float(knn_classify(trf, trl, tef, tel, k=20, T=0.07)), linear=float(linear_probe(trf, trl, tef, tel))))

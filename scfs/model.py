@@ -63,7 +63,7 @@ def _bottleneck(channels: int, spec) -> int | None:
 
 
 def _layer_weights(layer_weights, layers) -> dict:
-    if layer_weights is None: return {l: 1.0 for l in layers}
+    if layer_weights is None or not layers: return {l: 1.0 for l in layers}   # DINO (no search layers) ignores the weights
     if isinstance(layer_weights, dict): return {l: float(layer_weights.get(l, 1.0)) for l in layers}
     w = [float(x) for x in layer_weights]
     if len(w) != len(layers): raise ValueError(f"layer_weights has {len(w)} values for {len(layers)} search layers")

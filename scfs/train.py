@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
-from .data import ScfsError, quick_mode, ImageDataset, DEFAULT_SCENES, ensure_scenes, load_images
+from .data import ScfsError, quick_mode, ImageDataset, DEFAULT_SCENES, DEFAULT_CLUTTER, ensure_scenes, load_images
 from .augment import MultiCrop, BatchMultiCrop, multicrop_collate, eval_transform
 from .backbone import build_backbone
 from .model import SCFS
@@ -42,7 +42,7 @@ class Config:
     scenes_train: int = 5000
     scenes_test: int = 1000
     scenes_size: int = 64
-    scenes_clutter: str = 'medium'      # clutter level of the generated scenes (scfs.data.CLUTTER)
+    scenes_clutter: str = DEFAULT_CLUTTER  # clutter level of the generated scenes (scfs.data.CLUTTER; 'low')
     subset: int = 0                     # >0: pretrain on a fixed random subset of this many images
     knn_train: str | None = None        # labelled folders for the final kNN; None: <data>/train and <data>/test
     knn_val: str | None = None
@@ -53,45 +53,45 @@ class Config:
     out_dim: int = 512
     head_hidden: int = 256
     head_bottleneck: int = 128
-    head_bn: bool = False
+    head_bn: bool = True                # BN in the DINO head's MLP (tiny: on, as in lightly/solo-learn small-data DINO)
     norm_last_layer: bool = True
     layer_out_dim: int = 64
     search_layers: tuple = ('layer2', 'layer3', 'layer4')
-    layer_weights: tuple | None = None
+    layer_weights: tuple | None = (0.03, 0.03, 0.03)  # weight of each search layer's loss (official: 1 each; tiny: 0.03, see the table)
     search_softmax: bool = False
     search_keys: str = 'first'
     # multi-crop
-    global_size: int = 56
-    local_size: int = 28
-    n_local: int = 6
+    global_size: int = 32
+    local_size: int = 16
+    n_local: int = 4
     global_scale: tuple = (0.4, 1.0)                # scenes: keep the object in both global views more often
     local_scale: tuple = (0.1, 0.4)
     photometric: bool = True
-    jitter: tuple = (0.4, 0.4, 0.2, 0.1)            # colour jitter strength: brightness, contrast, saturation, hue
-    p_jitter: float = 0.8                           # probability of colour jitter per view
+    jitter: tuple = (0.4, 0.4, 0.4, 0.5)            # colour jitter strength: brightness, contrast, saturation, hue (tiny: strong hue)
+    p_jitter: float = 1.0                           # probability of colour jitter per view
     p_grey: float = 0.2                             # probability of a greyscale view
     loader: str = 'memory'                          # 'memory': BatchMultiCrop on images held in memory; 'folder': MultiCrop in workers
     memory_size: int = 64                           # loader='memory': images are stored as memory_size x memory_size
     # optimisation
-    epochs: int = 6
+    epochs: int = 25
     batch_size: int = 64                # total over all processes
     optimizer: str = 'adamw'            # 'sgd' or 'adamw'
-    lr: float = 5e-3                    # for a batch of 256; scaled by batch_size/256
+    lr: float = 1e-2                    # for a batch of 256; scaled by batch_size/256
     min_lr: float = 1e-5
     momentum: float = 0.9               # SGD only
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
-    warmup_epochs: int = 1
+    warmup_epochs: int = 2
     clip_grad: float = 3.0              # per-parameter gradient norm clip (0: off)
-    freeze_last_layer: int = 1          # epochs during which the DINO head's last layer gets no update
+    freeze_last_layer: int = 10 ** 6    # epochs during which the DINO head's last layer gets no update (tiny: the whole run)
     momentum_teacher: float = 0.99      # EMA momentum, cosine-scheduled to 1
-    warmup_teacher_temp: float = 0.04
-    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.02
+    teacher_temp: float = 0.02
     warmup_teacher_temp_epochs: int = 0
     student_temp: float = 0.1
     center_momentum: float = 0.9
-    centering: str = 'ema'              # DINO loss targets: 'ema' (DINO's running centre) or 'sinkhorn' (DINOv2)
-    koleo_weight: float = 0.0           # KoLeo on the DINO head's bottleneck z (DINOv2's regulariser; 0: off)
+    centering: str = 'sinkhorn'           # DINO loss targets: 'ema' (DINO's running centre) or 'sinkhorn' (DINOv2)
+    koleo_weight: float = 0.1           # KoLeo on the DINO head's bottleneck z (DINOv2's regulariser; 0: off)
     # run
     out: str | None = None              # run folder; None: runs/<preset>-<method>
     seed: int = 0
@@ -100,14 +100,14 @@ class Config:
     channels_last: bool | None = None   # None: on CUDA only
     sync_bn: bool | None = None         # None: on CUDA under DDP
     workers: int = 1
-    threads: int = 1                    # >0: torch.set_num_threads (1 on 2 cores: the model thread + 1 loader worker)
+    threads: int = 0                    # >0: torch.set_num_threads; 0: torch's default (loader='folder' on 2 cores: use 1)
     deterministic: bool = False
     save_every: int = 0                 # also keep checkpoint_<epoch>.pth every N epochs (0: only checkpoint_last.pth)
     save_every_iters: int = 0           # also save checkpoint_last.pth every K iterations inside an epoch
     max_iters: int = 0                  # >0: cap the iterations per epoch (smoke tests)
     eval: bool = True                   # kNN of the trained teacher (and of a random init) at the end
     eval_random: bool = True
-    eval_size: int = 56
+    eval_size: int = 32
     knn_k: int = 20
     knn_T: float = 0.07
     monitor_every: int = 1              # online kNN on a fixed labelled subset every N epochs (0: off)
@@ -126,21 +126,24 @@ class Config:
     def run_dir(self) -> Path: return Path(self.out) if self.out else Path('runs') / f'{self.preset}-{self.method}'
 
 # %% ../nbs/07_train.ipynb #c29e0e92
+# the official DINO/SCFS recipe for what the tiny preset changes (see its table): the GPU presets keep it
+_OFFICIAL = dict(head_bn=False, layer_weights=None, centering='ema', koleo_weight=0.0, jitter=(0.4, 0.4, 0.2, 0.1),
+                 p_jitter=0.8, p_grey=0.2, freeze_last_layer=1)
 PRESETS = {
     'tiny': {},
-    'resnet18': dict(backbone='resnet18', backbone_kw={}, data='data/train', generate=False, loader='folder', out_dim=16384, head_hidden=2048,
+    'resnet18': dict(_OFFICIAL, backbone='resnet18', backbone_kw={}, data='data/train', generate=False, loader='folder', out_dim=16384, head_hidden=2048,
                      head_bottleneck=256, layer_out_dim=256, global_size=96, local_size=48, n_local=6,
                      global_scale=(0.25, 1.0), local_scale=(0.05, 0.25), epochs=100, batch_size=256, optimizer='sgd',
                      lr=0.1, min_lr=0.0048, weight_decay=1e-4, weight_decay_end=1e-4, warmup_epochs=10,
                      momentum_teacher=0.996, warmup_teacher_temp=0.04, teacher_temp=0.07,
                      warmup_teacher_temp_epochs=30, workers=8, threads=0, save_every=10, eval_size=96),
-    'resnet50-imagenet': dict(backbone='resnet50', backbone_kw={}, data='data/imagenet/train', generate=False, loader='folder',
+    'resnet50-imagenet': dict(_OFFICIAL, backbone='resnet50', backbone_kw={}, data='data/imagenet/train', generate=False, loader='folder',
                               knn_train='data/imagenet/train', knn_val='data/imagenet/val', out_dim=65536,
                               head_hidden=2048, head_bottleneck=256, layer_out_dim=256, global_size=224, local_size=96,
                               n_local=8, global_scale=(0.25, 1.0), local_scale=(0.05, 0.25), epochs=200,
                               batch_size=256, optimizer='sgd', lr=0.1, min_lr=0.0048, momentum=0.9,
                               weight_decay=1e-4, weight_decay_end=1e-4, warmup_epochs=10, clip_grad=3.0,
-                              freeze_last_layer=1, momentum_teacher=0.996, warmup_teacher_temp=0.04,
+                              momentum_teacher=0.996, warmup_teacher_temp=0.04,
                               teacher_temp=0.07, warmup_teacher_temp_epochs=50, workers=10, threads=0, save_every=10,
                               eval_size=224),
 }
@@ -228,9 +231,11 @@ def validate_config(cfg: Config):
 from .model import cosine_schedule  # DINO's per-iteration warm-up + cosine schedule, defined in 06_model
 
 def make_schedules(cfg: Config, niter_per_ep: int) -> dict:
-    "The per-iteration lr (scaled by batch/256), weight-decay and EMA-momentum schedules of `cfg`."
+    """The per-iteration lr (scaled by batch/256), weight-decay and EMA-momentum schedules of `cfg`.
+    The lr warm-up is capped at half the run (a short run, e.g. `epochs=1`, then has no warm-up instead of an error)."""
     lr0 = cfg.lr * cfg.batch_size / 256
-    return dict(lr=cosine_schedule(lr0, cfg.min_lr, cfg.epochs, niter_per_ep, cfg.warmup_epochs),
+    warm = min(cfg.warmup_epochs, cfg.epochs // 2)
+    return dict(lr=cosine_schedule(lr0, cfg.min_lr, cfg.epochs, niter_per_ep, warm),
                 wd=cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, niter_per_ep),
                 momentum=cosine_schedule(cfg.momentum_teacher, 1.0, cfg.epochs, niter_per_ep))
 

@@ -24,7 +24,7 @@ def test_make_scene_deterministic_and_boxed():
         img, lab, (x0, y0, x1, y1) = a
         assert img.mode == 'RGB' and img.size == (64, 64) and 0 <= lab < len(SCENE_CLASSES)
         assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64
-        assert 0.2 * 64 <= max(x1 - x0, y1 - y0) <= 0.5 * 64 + 1      # object side 25-50 % (tight box of a rotated shape)
+        assert 0.3 * 64 <= max(x1 - x0, y1 - y0) <= 0.75 * 64 + 1     # default level 'low': side 50-75 % (tight box of a rotated shape)
     c = make_scene(np.random.default_rng([8, 0, 0]), 64)
     assert not np.array_equal(np.asarray(c[0]), np.asarray(make_scene(np.random.default_rng([7, 0, 0]), 64)[0]))
     img, lab, box = make_scene(np.random.default_rng(0), 32, label=3)
@@ -56,7 +56,8 @@ def test_generate_scenes_layout_and_bytes(tmp_path):
     assert all(k.split('/')[1] in SCENE_CLASSES and len(k.split('/')[2]) == len('00000.png') for k in pngs)
     boxes = load_boxes(a)
     assert set(boxes) == set(pngs)
-    for k in ('train/circle/00000.png', 'train/square/00013.png', 'test/square/00001.png'):
+    C = SCENE_CLASSES
+    for k in (f'train/{C[0]}/00000.png', f'train/{C[13 % len(C)]}/00013.png', f'test/{C[1]}/00001.png'):
         split, cls, name = k.split('/')
         i = int(name[:5])
         img, lab, box = make_scene(np.random.default_rng([5, 0 if split == 'train' else 1, i]), 48, label=i % len(SCENE_CLASSES))
@@ -200,3 +201,13 @@ def test_cli_scenes(tmp_path, capsys):
     (tmp_path / 'foreign').mkdir(); (tmp_path / 'foreign' / 'f.txt').write_text('x')
     assert main(['scenes', str(tmp_path / 'foreign'), '--train', '12']) == 2
     assert 'error' in capsys.readouterr().err
+
+
+def test_clutter_levels_order_the_share_of_object_free_local_crops():
+    "More clutter (smaller objects) must mean more local crops that miss the object: the x-axis of the clutter study."
+    from scfs.data import clutter_stats, CLUTTER, DEFAULT_CLUTTER
+    assert DEFAULT_CLUTTER in CLUTTER
+    s = {l: clutter_stats(l, n=60, scale=(0.1, 0.4)) for l in ('low', 'medium', 'high')}
+    assert s['low']['object_area'] > s['medium']['object_area'] > s['high']['object_area']
+    assert s['low']['object_free'] < s['medium']['object_free'] < s['high']['object_free']
+    assert all(0 <= v['no_object'] <= v['object_free'] <= 1 for v in s.values())

@@ -1,5 +1,6 @@
 "Tests for scfs.experiments: resumable study runner, summaries, paired differences, verdict, CSV."
 import json
+from pathlib import Path
 import pytest
 from scfs import experiments as ex
 
@@ -46,8 +47,12 @@ def test_verdict_noise_is_not_a_win():
 
 def test_plan_orders_main_pairs_first():
     jobs = ex._ordered_jobs(ex.study_plan(quick=False))
-    assert jobs[:6] == [('dino', 0), ('scfs', 0), ('dino', 1), ('scfs', 1), ('dino', 2), ('scfs', 2)]
-    assert {n for n, _ in jobs[6:]} == set(ex.ABLATIONS)
+    # seed by seed, the (DINO, SCFS) pair of every clutter level, then the ablations
+    assert jobs[:6] == [('dino', 0), ('scfs', 0), ('dino@medium', 0), ('scfs@medium', 0), ('dino@high', 0), ('scfs@high', 0)]
+    assert jobs[6:8] == [('dino', 1), ('scfs', 1)] and len(jobs) == 18 + len(ex.ABLATIONS)
+    assert {n for n, _ in jobs[18:]} == set(ex.ABLATIONS)
+    # two shards: one runs every DINO job, the other the matching SCFS job, so pairs finish together
+    assert all(a[0].replace('dino', 'scfs') == b[0] and a[1] == b[1] for a, b in zip(jobs[0:18:2], jobs[1:18:2]))
     q = ex.study_plan(quick=True, root='/tmp/x')
     assert q['results_path'].startswith('/tmp/x') and q['base']['epochs'] == 1
 
@@ -68,3 +73,15 @@ def test_step_curves_from_metrics(tmp_path):
     res = [dict(name='scfs', seed=0, run_dir=str(tmp_path)), dict(name='x', seed=0, run_dir=str(tmp_path / 'gone'))]
     assert ex.attach_step_curves(res) == 1 and res[0]['dino_steps'] == [2.0] * 3 and 'loss_steps' not in res[1]
     assert ex._history_curve([dict(epoch=0, loss=2.0), dict(epoch=1, loss=1.0), dict(epoch=1, loss=3.0)]) == [2.0, 2.0]
+
+
+def test_merge_shards_keeps_job_order_and_both_shards(tmp_path):
+    plan = ex.study_plan(quick=True, root=str(tmp_path))
+    jobs = ex._ordered_jobs(plan)
+    for i in range(2):
+        runs = [dict(name=n, seed=s, knn=float(k)) for k, (n, s) in enumerate(jobs) if k % 2 == i]
+        ex.save_results(runs, ex._shard_path(plan['results_path'], (i, 2)), dict(started=f's{i}', finished=f'f{i}'))
+    merged = ex.merge_shards(plan)
+    assert [(r['name'], r['seed']) for r in merged] == jobs and [r['knn'] for r in merged] == list(range(len(jobs)))
+    meta = json.loads(Path(plan['results_path']).read_text())['meta']
+    assert [m['started'] for m in meta['shards']] == ['s0', 's1']

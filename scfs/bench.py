@@ -61,7 +61,7 @@ def _tiny_preset() -> dict:
     return dict(backbone=c.backbone, backbone_kw={k: list(v) if isinstance(v, tuple) else v for k, v in c.backbone_kw.items()},
                 global_size=c.global_size, local_size=c.local_size, n_local_step=c.n_local, out_dim=c.out_dim,
                 head_hidden=c.head_hidden, head_bottleneck=c.head_bottleneck, layer_out_dim=c.layer_out_dim,
-                threads=c.threads)
+                threads=c.threads or 1)   # the preset's 0 means torch's default; the bench times 1 thread (stable ratios)
 
 def bench_settings(device='cpu', quick=False) -> dict:
     "The sizes used by `run_bench` for a device; `quick` shrinks everything for CI."

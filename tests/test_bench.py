@@ -46,7 +46,7 @@ def test_cli_quick_json(capsys):
     for k in KEYS: assert isinstance(r[k], float) and r[k] > 0, k
     for k in ('timings', 'settings', 'device', 'torch', 'threads'): assert k in r
     from scfs.train import get_config
-    assert r['device'] == 'cpu' and r['torch'] == torch.__version__ and r['threads'] == get_config('tiny').threads
+    assert r['device'] == 'cpu' and r['torch'] == torch.__version__ and r['threads'] == (get_config('tiny').threads or 1)
     t = r['timings']
     assert t['scfs_step_s'] > 0 and t['dino_step_s'] > 0 and t['bare_step_s'] > 0 and t['loader_images_per_s'] > 0
     raw = t['raw_step_times']

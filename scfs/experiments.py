@@ -129,10 +129,18 @@ def load_results(path) -> list[dict]:
     p = Path(path)
     return json.loads(p.read_text())['runs'] if p.exists() else []
 
+def _compact(r: dict) -> dict:
+    "A result as stored: per-step curves rounded to 4 decimals, the per-layer step terms left in the run folder."
+    out = {k: v for k, v in r.items() if k != 'step_terms'}
+    for k in ('loss_steps', 'dino_steps'):
+        if isinstance(out.get(k), list): out[k] = [None if x is None else round(float(x), 4) for x in out[k]]
+    return out
+
 def save_results(results, path, meta=None):
+    "Write results (compacted, see `_compact`) and `meta` atomically as JSON."
     p = Path(path); p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(p.suffix + '.tmp')
-    tmp.write_text(json.dumps(_jsonable(dict(meta=meta or {}, runs=results)), indent=1))
+    tmp.write_text(json.dumps(_jsonable(dict(meta=meta or {}, runs=[_compact(r) for r in results])), indent=1))
     os.replace(tmp, p)
 
 def run_study(configs: dict, seeds, *, results_path, base: dict, out_root, meta=None, attention_images=64,

@@ -136,3 +136,16 @@ def test_run_folder_is_protected(tmp_path, scenes):
     assert not (tmp_path / 'r' / 'marker').exists()
     with pytest.raises(ScfsError, match='data folder not found'):
         train(_run_cfg(tmp_path, tmp_path / 'missing', 'x'))
+
+
+def test_gpu_presets_keep_the_official_recipe_where_tiny_departs():
+    "The tiny preset's CPU remedies (head BN, SK centring, KoLeo, search weight, hue jitter, frozen prototypes) must not leak into the official presets."
+    from scfs.train import get_config
+    tiny = get_config('tiny')
+    assert tiny.head_bn and tiny.centering == 'sinkhorn' and tiny.koleo_weight > 0 and tiny.layer_weights == (0.03,) * 3
+    for name in ('resnet18', 'resnet50-imagenet'):
+        c = get_config(name)
+        assert (c.head_bn, c.centering, c.koleo_weight, c.layer_weights, c.freeze_last_layer) == (False, 'ema', 0.0, None, 1), name
+        assert (c.jitter, c.p_jitter, c.p_grey) == ((0.4, 0.4, 0.2, 0.1), 0.8, 0.2), name
+    r50 = get_config('resnet50-imagenet')
+    assert (r50.global_size, r50.local_size, r50.n_local, r50.out_dim, r50.epochs, r50.teacher_temp) == (224, 96, 8, 65536, 200, 0.07)

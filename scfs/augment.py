@@ -5,6 +5,7 @@
 # %% ../nbs/01_augment.ipynb #c75e15d3
 from __future__ import annotations
 import math
+import numpy as np
 import torch
 import torch.nn.functional as F_nn
 from torchvision.ops import roi_align
@@ -16,7 +17,7 @@ from .data import to_rgb
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'denormalize', 'RandomBlur', 'MultiCrop', 'multicrop_collate', 'eval_transform',
            'show_multicrop', 'object_fraction', 'random_resized_boxes', 'crop_boxes', 'colour_jitter_matrices',
-           'gaussian_blur_batch', 'BatchMultiCrop']
+           'gaussian_blur_batch', 'BatchMultiCrop', 'local_crop_coverage', 'clutter_stats']
 
 # %% ../nbs/01_augment.ipynb #4d355cdf
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -262,3 +263,21 @@ class BatchMultiCrop:
     def __repr__(self):
         return (f'BatchMultiCrop(global {self.global_size}px x2 scale {self.global_scale}, local {self.local_size}px '
                 f'x{self.n_local} scale {self.local_scale}, photometric={self.photometric})')
+
+# %% ../nbs/01_augment.ipynb #0add5131
+def local_crop_coverage(boxes, size: int, scale=(0.05, 0.25), n_crops: int = 8, seed: int = 0) -> torch.Tensor:
+    "For each object box (x0, y0, x1, y1) of a `size` x `size` image, the object fractions of `n_crops` random local crops (flat)."
+    boxes = torch.as_tensor(boxes, dtype=torch.float32).view(-1, 4)
+    crops = random_resized_boxes(len(boxes) * n_crops, size, size, scale, generator=torch.Generator().manual_seed(seed))
+    return torch.cat([object_fraction(c, b) for c, b in zip(crops.view(len(boxes), n_crops, 4), boxes)])
+
+def clutter_stats(clutter='low', n: int = 300, size: int = 64, scale=(0.05, 0.25), seed: int = 0) -> dict:
+    "Median object-box area, share of local crops with no object and with < 10 % of it (object-free), for `n` scenes of a clutter level."
+    from scfs.data import make_scene, scene_style, SCENE_CLASSES
+    style = scene_style(clutter)
+    boxes = torch.tensor([make_scene(np.random.default_rng([seed, 0, i]), size, label=i % len(SCENE_CLASSES), **style)[2]
+                          for i in range(n)], dtype=torch.float32)
+    cov = local_crop_coverage(boxes, size, scale, seed=seed)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / size ** 2
+    return dict(object_area=area.median().item(), no_object=(cov == 0).float().mean().item(),
+                object_free=(cov < 0.1).float().mean().item())

@@ -14,8 +14,7 @@ from torch.utils.data import Dataset
 # %% auto #0
 __all__ = ['SCENE_CLASSES', 'CLASS_FILLS', 'CLUTTER', 'DEFAULT_SCENES', 'DEFAULT_CLUTTER', 'IMG_EXTENSIONS', 'quick_mode',
            'ScfsError', 'make_scene', 'scene_style', 'generate_scenes', 'ensure_scenes', 'load_boxes', 'to_rgb',
-           'ImageDataset', 'square_image', 'load_images', 'sample_photos', 'load_photo', 'add_cli', 'rrc_boxes',
-           'covered', 'local_crop_coverage', 'clutter_stats']
+           'ImageDataset', 'square_image', 'load_images', 'sample_photos', 'load_photo', 'add_cli']
 
 # %% ../nbs/00_data.ipynb #d9974089
 def quick_mode() -> bool:
@@ -479,32 +478,3 @@ def add_cli(sub):
     p.add_argument('--force', action='store_true', help='write into a non-empty folder that holds no scenes')
     p.set_defaults(func=_cli_scenes)
     return p
-
-# %% ../nbs/00_data.ipynb #f4b4709b
-def rrc_boxes(g: np.random.Generator, n: int, W: int, H: int, scale=(0.05, 0.25), ratio=(3 / 4, 4 / 3)) -> np.ndarray:
-    "n RandomResizedCrop-style boxes (x0, y0, x1, y1) (numpy sampling, same distribution; boxes are clipped to the image)."
-    area = W * H * g.uniform(*scale, n)
-    ar = np.exp(g.uniform(np.log(ratio[0]), np.log(ratio[1]), n))
-    w = np.clip(np.round(np.sqrt(area * ar)), 1, W); h = np.clip(np.round(np.sqrt(area / ar)), 1, H)
-    x0 = np.floor(g.uniform(0, 1, n) * (W - w + 1)); y0 = np.floor(g.uniform(0, 1, n) * (H - h + 1))
-    return np.stack([x0, y0, x0 + w, y0 + h], 1)
-
-def covered(crops: np.ndarray, box) -> np.ndarray:
-    "Fraction of the object box inside each crop."
-    iw = np.clip(np.minimum(crops[:, 2], box[2]) - np.maximum(crops[:, 0], box[0]), 0, None)
-    ih = np.clip(np.minimum(crops[:, 3], box[3]) - np.maximum(crops[:, 1], box[1]), 0, None)
-    return iw * ih / ((box[2] - box[0]) * (box[3] - box[1]))
-
-def local_crop_coverage(boxes, size: int, scale=(0.05, 0.25), n_crops: int = 8, seed: int = 0) -> np.ndarray:
-    "For each object box (x0, y0, x1, y1) of a `size` x `size` scene, `n_crops` random local crops -> their coverages (flat)."
-    g = np.random.default_rng(seed)
-    return np.concatenate([covered(rrc_boxes(g, n_crops, size, size, scale), b) for b in np.asarray(boxes, dtype=np.float64)])
-
-def clutter_stats(clutter=DEFAULT_CLUTTER, n: int = 300, size: int = 64, scale=(0.05, 0.25), seed: int = 0) -> dict:
-    "Object-box area and local-crop coverage of `n` scenes of a clutter level (drawn like the training split)."
-    style = scene_style(clutter)
-    boxes = np.array([make_scene(np.random.default_rng([seed, 0, i]), size, label=i % len(SCENE_CLASSES), **style)[2]
-                      for i in range(n)], dtype=np.float64)
-    cov = local_crop_coverage(boxes, size, scale, seed=seed)
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / size ** 2
-    return dict(object_area=float(np.median(area)), no_object=float((cov == 0).mean()), object_free=float((cov < 0.1).mean()))

@@ -140,3 +140,14 @@ def test_object_fraction():
     crops = torch.tensor([[0., 0, 10, 10], [5, 5, 15, 15], [20, 20, 30, 30], [2, 0, 4, 10]])
     torch.testing.assert_close(object_fraction(crops, (0, 0, 10, 10)), torch.tensor([1., .25, 0., .2]))
     assert object_fraction(crops[None], (0, 0, 10, 10)).shape == (1, 4)
+
+
+def test_clutter_levels_order_the_share_of_object_free_local_crops():
+    "More clutter (smaller objects) must mean more local crops that miss the object: the x-axis of the clutter study."
+    from scfs.augment import clutter_stats
+    from scfs.data import CLUTTER, DEFAULT_CLUTTER
+    assert DEFAULT_CLUTTER in CLUTTER
+    s = {l: clutter_stats(l, n=60, scale=(0.1, 0.4)) for l in ('low', 'medium', 'high')}
+    assert s['low']['object_area'] > s['medium']['object_area'] > s['high']['object_area']
+    assert s['low']['object_free'] < s['medium']['object_free'] < s['high']['object_free']
+    assert all(0 <= v['no_object'] <= v['object_free'] <= 1 for v in s.values())

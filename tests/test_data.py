@@ -202,12 +202,3 @@ def test_cli_scenes(tmp_path, capsys):
     assert main(['scenes', str(tmp_path / 'foreign'), '--train', '12']) == 2
     assert 'error' in capsys.readouterr().err
 
-
-def test_clutter_levels_order_the_share_of_object_free_local_crops():
-    "More clutter (smaller objects) must mean more local crops that miss the object: the x-axis of the clutter study."
-    from scfs.data import clutter_stats, CLUTTER, DEFAULT_CLUTTER
-    assert DEFAULT_CLUTTER in CLUTTER
-    s = {l: clutter_stats(l, n=60, scale=(0.1, 0.4)) for l in ('low', 'medium', 'high')}
-    assert s['low']['object_area'] > s['medium']['object_area'] > s['high']['object_area']
-    assert s['low']['object_free'] < s['medium']['object_free'] < s['high']['object_free']
-    assert all(0 <= v['no_object'] <= v['object_free'] <= 1 for v in s.values())

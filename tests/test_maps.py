@@ -8,8 +8,10 @@ from PIL import Image
 from scfs.backbone import build_backbone
 from scfs.data import ScfsError, make_scene
 from scfs.search import search_features
+import scfs.maps
 from scfs.maps import (attention_on_object, box_fraction_map, source_to_view, view_to_source, clip_box, search_maps,
-                       sample_views, best_location, object_scores, load_image, maps_figure, add_cli, LAYERS)
+                       sample_views, best_location, object_scores, load_image, maps_figure, add_cli, LAYERS,
+                       map_auroc, box_mask, bootstrap_ci, crop_kind, scene_split, object_auroc, format_auroc)
 
 torch.set_num_threads(2)
 
@@ -113,3 +115,125 @@ def test_cli_writes_figure(tmp_path):
     assert Image.open(tmp_path / 'f.png').size[0] > 100
     with pytest.raises(ScfsError):
         maps_figure('scene:1', checkpoint=tmp_path / 'nope.pth', out=tmp_path / 'g.png')
+
+
+# ---- on-object AUROC ----
+
+def _brute_auroc(s, m):
+    "Pairwise count: P(object > background) + P(tie)/2."
+    d = s[m][:, None] - s[~m][None, :]
+    return float(((d > 0).double() + 0.5 * (d == 0).double()).mean())
+
+
+def test_map_auroc_extremes_and_floor():
+    m = torch.zeros(5, 6, dtype=torch.bool); m[1:4, 2:5] = True
+    assert map_auroc(m.float(), m) == 1.0
+    assert map_auroc(-m.float(), m) == 0.0                      # a swapped-class implementation gives 1 here
+    assert map_auroc(torch.full((5, 6), 0.7), m) == 0.5         # flat map: all ties -> 0.5, not 0 or 1
+    assert map_auroc(np.where(m.numpy(), 2.0, 1.0), m.numpy()) == 1.0   # numpy in, too
+
+
+def test_map_auroc_ties_by_hand():
+    # object [3, 2], background [2, 1, 0]: 5 wins and one tie out of 6 pairs
+    s, m = torch.tensor([3., 2., 2., 1., 0.]), torch.tensor([True, True, False, False, False])
+    assert math.isclose(map_auroc(s, m), 5.5 / 6)               # ties ignored: 5/6; ties as wins: 1; swapped: 0.5/6
+    assert math.isclose(map_auroc(s, ~m), 0.5 / 6)
+    # a single tie group spanning both classes: object [1, 1, 0], background [1, 0]
+    assert math.isclose(map_auroc(torch.tensor([1., 1., 0., 1., 0.]), torch.tensor([1, 1, 1, 0, 0]).bool()),
+                        (0.5 + 1 + 0.5 + 1 + 0 + 0.5) / 6)
+
+
+def test_map_auroc_matches_pairwise_count():
+    g = torch.Generator().manual_seed(1)
+    for trial in range(30):
+        levels = 3 if trial % 2 else 1000                         # many ties / almost none
+        s = torch.randint(0, levels, (6, 7), generator=g).float()
+        m = torch.rand(6, 7, generator=g) < 0.35
+        if m.all() or not m.any(): continue
+        assert math.isclose(map_auroc(s, m), _brute_auroc(s, m), abs_tol=1e-12)
+
+
+def test_map_auroc_undefined_and_errors():
+    assert math.isnan(map_auroc(torch.ones(3, 3), torch.ones(3, 3, dtype=torch.bool)))
+    assert math.isnan(map_auroc(torch.ones(3, 3), torch.zeros(3, 3, dtype=torch.bool)))
+    x = torch.ones(2, 2); x[0, 0] = float('nan')
+    assert math.isnan(map_auroc(x, torch.eye(2, dtype=torch.bool)))
+    with pytest.raises(ValueError): map_auroc(torch.ones(2, 2), torch.ones(3, 3, dtype=torch.bool))
+    with pytest.raises(ValueError): map_auroc(torch.ones(2, 2), torch.eye(2))   # a float mask is a mistake
+
+
+def test_box_mask_and_crop_kind():
+    assert box_mask((8, 8), (16, 16, 48, 32), 64).sum() == 8
+    assert box_mask((2, 2), (0, 0, 48, 16), 64).tolist() == [[True, False], [False, False]]
+    assert crop_kind((0, 0, 10, 10), (20, 20, 40, 40)) == 'off'
+    assert crop_kind((25, 25, 35, 35), (20, 20, 40, 40)) == 'on'
+    assert crop_kind((15, 15, 25, 25), (20, 20, 40, 40)) is None
+
+
+def test_bootstrap_ci():
+    lo, hi = bootstrap_ci([3.0, 1.0, 2.0, 2.5], [4, 2, 3, 5], seed=3)
+    assert lo < 8.5 / 14 < hi and (lo, hi) == bootstrap_ci([3.0, 1.0, 2.0, 2.5], [4, 2, 3, 5], seed=3)
+    assert bootstrap_ci([2.0, 2.0], [4, 4]) == (0.5, 0.5)
+    assert all(math.isnan(v) for v in bootstrap_ci([1.0], [2]))
+
+
+def test_scene_split_fallback(tmp_path):
+    (tmp_path / 'boxes.json').write_text('{"train/a/0.png": [0, 0, 4, 4], "test/a/0.png": [0, 0, 4, 4]}')
+    assert scene_split(tmp_path, 'val') == 'test' and scene_split(tmp_path, 'train') == 'train'
+    with pytest.raises(ScfsError): scene_split(tmp_path, 'other')
+    with pytest.raises(ScfsError): scene_split(tmp_path / 'nowhere', 'val')
+
+
+@pytest.fixture(scope='module')
+def scenes(tmp_path_factory):
+    from scfs.data import generate_scenes
+    d = tmp_path_factory.mktemp('auroc') / 'scenes'
+    generate_scenes(d, n_train=20, n_test=10, seed=0, workers=1)
+    return d
+
+
+def test_object_auroc_random_init(scenes):
+    torch.manual_seed(0)
+    r = object_auroc(build_backbone('small'), scenes, n_images=8, n_local=4, global_size=32, local_size=16, n_boot=200)
+    assert r['split'] == ('val' if (scenes / 'val').is_dir() else 'test')
+    assert set(r['summary']) == set(LAYERS) and r['rows']
+    assert all(0 <= x['auroc'] <= 1 and x['kind'] in ('on', 'off') for x in r['rows'])
+    for l, s in r['summary'].items():
+        assert set(s) == {'on', 'off', 'n_on', 'n_off', 'img_on', 'img_off', 'ci_on', 'ci_off'}
+        assert s['n_on'] == sum(x['layer'] == l and x['kind'] == 'on' for x in r['rows']) > 0
+        assert 0 <= s['on'] <= 1 and s['ci_on'][0] <= s['on'] <= s['ci_on'][1]
+    assert 'layer2 on' in format_auroc({'random': r})
+
+
+def _spy_maps(monkeypatch, sign):
+    "Replace the search maps by the object's cover fraction (times `sign`) of the global view being scored."
+    seen = {}
+    def spy(box, view_box, flip, size):
+        seen['obj'], seen['S'] = source_to_view(box, view_box, flip, size), size
+        return seen['obj']
+    def fake(backbone, local_crops, global_views, layers=LAYERS, **kw):
+        K, S = local_crops.shape[0], seen['S']
+        return {l: sign * box_fraction_map((S // s, S // s), seen['obj'], S).float()[None].repeat(K, 1, 1)
+                for l, s in zip(layers, (4, 8, 16))}
+    monkeypatch.setattr(scfs.maps, 'source_to_view', spy)
+    monkeypatch.setattr(scfs.maps, 'search_maps', fake)
+
+
+@pytest.mark.parametrize('sign,expect', [(1, 1.0), (-1, 0.0), (0, 0.5)])
+def test_object_auroc_informative_map(scenes, monkeypatch, sign, expect):
+    "A map that is the object (or its reverse, or flat) scores exactly 1 (0, 0.5) on every crop and layer."
+    _spy_maps(monkeypatch, sign)
+    r = object_auroc(None, scenes, n_images=6, n_local=4, global_size=64, local_size=32, n_boot=100)
+    assert r['rows'] and all(x['auroc'] == expect for x in r['rows'])
+    assert {x['kind'] for x in r['rows']} == {'on', 'off'} or all(x['kind'] == 'on' for x in r['rows'])
+    for s in r['summary'].values():
+        assert s['on'] == expect and s['ci_on'] == (expect, expect)
+
+
+def test_object_auroc_shuffled_control(scenes):
+    "Shuffling each map's cells keeps its values but not their place: on average the floor 0.5."
+    torch.manual_seed(0)
+    r = object_auroc(build_backbone('small'), scenes, n_images=10, n_local=6, global_size=64, local_size=32,
+                     n_boot=100, shuffle_maps=True)
+    a = np.array([x['auroc'] for x in r['rows'] if x['layer'] == 'layer2'])
+    assert abs(a.mean() - 0.5) < 0.08

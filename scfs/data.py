@@ -12,9 +12,10 @@ import torch
 from torch.utils.data import Dataset
 
 # %% auto #0
-__all__ = ['SCENE_CLASSES', 'CLASS_FILLS', 'CLUTTER', 'DEFAULT_SCENES', 'DEFAULT_CLUTTER', 'IMG_EXTENSIONS', 'quick_mode',
-           'ScfsError', 'make_scene', 'scene_style', 'generate_scenes', 'ensure_scenes', 'load_boxes', 'to_rgb',
-           'ImageDataset', 'square_image', 'load_images', 'sample_photos', 'load_photo', 'add_cli']
+__all__ = ['SCENE_CLASSES', 'CLASS_FILLS', 'CLUTTER', 'DEFAULT_SCENES', 'DEFAULT_DIGITS', 'DEFAULT_CLUTTER', 'SCENE_KINDS',
+           'IMG_EXTENSIONS', 'DIGIT_CLASSES', 'DIGIT_CLUTTER', 'quick_mode', 'ScfsError', 'make_scene', 'scene_style',
+           'generate_scenes', 'ensure_scenes', 'load_boxes', 'to_rgb', 'ImageDataset', 'square_image', 'load_images',
+           'sample_photos', 'load_photo', 'make_digit_scene', 'add_cli']
 
 # %% ../nbs/00_data.ipynb #d9974089
 def quick_mode() -> bool:
@@ -36,6 +37,7 @@ CLUTTER = {'low': dict(object_size=(0.5, 0.75), distractors=(1, 3), background='
            'medium': dict(object_size=(0.35, 0.6), distractors=(2, 4), background='smooth'),
            'high': dict(object_size=(0.25, 0.45), distractors=(3, 6), background='mixed')}
 DEFAULT_SCENES = 'data/clutter-scenes'
+DEFAULT_DIGITS = 'data/digit-scenes'    # the second benchmark (digit scenes, below)
 DEFAULT_CLUTTER = 'low'
 
 _PALETTE = np.array([[230, 60, 50], [245, 150, 40], [240, 220, 60], [90, 190, 70], [40, 160, 160], [60, 110, 220],
@@ -222,8 +224,9 @@ def make_scene(rng: np.random.Generator, size: int = 64, label: int | None = Non
     return out, int(label), box
 
 # %% ../nbs/00_data.ipynb #a4ef5c21
-def _grid_with_boxes(items, ncol=8, scale=3):
-    "items: list of (PIL image, label, box) -> one PIL image with boxes and class names."
+def _grid_with_boxes(items, ncol=8, scale=3, classes=None):
+    "items: list of (PIL image, label, box) -> one PIL image with boxes and class names (`classes`: default `SCENE_CLASSES`)."
+    classes = classes or SCENE_CLASSES
     from PIL import ImageFont
     font = ImageFont.load_default()
     w, h = items[0][0].size; W, H = w * scale, h * scale + 12
@@ -233,65 +236,84 @@ def _grid_with_boxes(items, ncol=8, scale=3):
         x, y = (k % ncol) * W, (k // ncol) * H
         grid.paste(im.resize((W, h * scale), Image.NEAREST), (x, y))
         d.rectangle([x + b[0] * scale, y + b[1] * scale, x + b[2] * scale - 1, y + b[3] * scale - 1], outline=(255, 0, 0), width=2)
-        d.text((x + 2, y + h * scale), SCENE_CLASSES[lab], fill=(0, 0, 0), font=font)
+        d.text((x + 2, y + h * scale), classes[lab], fill=(0, 0, 0), font=font)
     return grid
 
 # %% ../nbs/00_data.ipynb #56c83ee3
-_SPLITS = {'train': 0, 'test': 1}
-_META_VERSION = 4  # bump whenever make_scene changes: ensure_scenes then regenerates
+_SPLITS = {'train': 0, 'test': 1, 'val': 2}   # each split draws from its own seed stream
+_META_VERSION = 5  # bump whenever make_scene changes: ensure_scenes then regenerates
+SCENE_KINDS = ('shapes', 'digits')
 
-def scene_style(clutter=DEFAULT_CLUTTER, **knobs) -> dict:
-    "The `make_scene` knobs of a clutter level ('low', 'medium', 'high', or a dict of knobs), with `knobs` overriding."
-    if isinstance(clutter, dict): base = dict(CLUTTER[DEFAULT_CLUTTER], **clutter)
-    elif clutter in CLUTTER: base = dict(CLUTTER[clutter])
+def _check_pair(name, v, kind, lo_ok):
+    a, b = v = tuple(kind(x) for x in v)
+    if not lo_ok(a, b): raise ScfsError(f'{name} out of range: {v}')
+    return v
+
+def scene_style(clutter=DEFAULT_CLUTTER, kind: str = 'shapes', **knobs) -> dict:
+    """The knobs of `make_scene` (kind 'shapes': a clutter level 'low', 'medium', 'high' or a dict of knobs) or of
+    `make_digit_scene` (kind 'digits': `DIGIT_CLUTTER`), with `knobs` overriding."""
+    if kind not in SCENE_KINDS: raise ScfsError(f"scene kind must be one of {', '.join(SCENE_KINDS)}, not {kind!r}")
+    default = CLUTTER[DEFAULT_CLUTTER] if kind == 'shapes' else DIGIT_CLUTTER
+    if isinstance(clutter, dict): base = dict(default, **clutter)
+    elif kind == 'digits' or clutter in CLUTTER: base = dict(CLUTTER[clutter] if kind == 'shapes' else default)
     else: raise ScfsError(f"clutter must be one of {', '.join(CLUTTER)} (or a dict of knobs), not {clutter!r}")
     base.update({k: v for k, v in knobs.items() if v is not None})
-    unknown = set(base) - set(CLUTTER[DEFAULT_CLUTTER])
-    if unknown: raise ScfsError(f'unknown scene knob(s) {sorted(unknown)}; known: {sorted(CLUTTER[DEFAULT_CLUTTER])}')
-    lo, hi = base['object_size'] = tuple(float(v) for v in base['object_size'])
-    if not 0 < lo <= hi < 1: raise ScfsError(f'object_size must be 0 < low <= high < 1, got {(lo, hi)}')
-    a, b = base['distractors'] = tuple(int(v) for v in base['distractors'])
-    if not 0 <= a <= b: raise ScfsError(f'distractors must be 0 <= low <= high, got {(a, b)}')
-    if base['background'] not in ('smooth', 'mixed'): raise ScfsError(f"background must be 'smooth' or 'mixed', not {base['background']!r}")
+    unknown = set(base) - set(default)
+    if unknown: raise ScfsError(f'unknown scene knob(s) {sorted(unknown)} for {kind}; known: {sorted(default)}')
+    base['object_size'] = _check_pair('object_size (0 < low <= high < 1)', base['object_size'], float, lambda a, b: 0 < a <= b < 1)
+    base['distractors'] = _check_pair('distractors (0 <= low <= high)', base['distractors'], int, lambda a, b: 0 <= a <= b)
+    if base.get('background', 'smooth') not in ('smooth', 'mixed'): raise ScfsError(f"background must be 'smooth' or 'mixed', not {base['background']!r}")
     return base
+
+def _classes(kind): return DIGIT_CLASSES if kind == 'digits' else SCENE_CLASSES
+
+def _draw(kind, seed, split, i, size, style):
+    "Scene `i` of `split`: its own generator, so scenes can be drawn in any order by any number of workers."
+    rng, label = np.random.default_rng([seed, _SPLITS[split], i]), i % len(_classes(kind))
+    if kind == 'digits': return make_digit_scene(rng, size, label=label, split=split, **style)
+    return make_scene(rng, size, label=label, **style)
 
 def _scene_job(args):
     "Worker: draw scenes `idx` of one split and write them; returns [(relpath, box)]."
-    out, split, idx, size, seed, style = args
+    out, split, idx, size, seed, style, kind = args
     res = []
     for i in idx:
-        img, lab, box = make_scene(np.random.default_rng([seed, _SPLITS[split], i]), size, label=i % len(SCENE_CLASSES), **style)
-        rel = f'{split}/{SCENE_CLASSES[lab]}/{i:05d}.png'
+        img, lab, box = _draw(kind, seed, split, i, size, style)
+        rel = f'{split}/{_classes(kind)[lab]}/{i:05d}.png'
         img.save(Path(out) / rel, format='PNG', compress_level=6)
         res.append((rel, list(box)))
     return res
 
-def _meta(n_train, n_test, size, seed, style):
-    return dict(version=_META_VERSION, kind='scfs-clutter-scenes', n_train=int(n_train), n_test=int(n_test),
-                size=int(size), seed=int(seed), classes=list(SCENE_CLASSES),
+def _meta(n_train, n_test, size, seed, style, n_val=0, kind='shapes'):
+    return dict(version=_META_VERSION, kind=f'scfs-{kind}-scenes', n_train=int(n_train), n_val=int(n_val),
+                n_test=int(n_test), size=int(size), seed=int(seed), classes=list(_classes(kind)),
                 style={k: list(v) if isinstance(v, tuple) else v for k, v in style.items()}, complete=True)
+
 
 # %% ../nbs/00_data.ipynb #06244e4b
 def generate_scenes(out, n_train: int = 5000, n_test: int = 1000, size: int = 64, seed: int = 0, workers: int = 2,
-                    force: bool = False, clutter=DEFAULT_CLUTTER) -> Path:
-    """Write `out/{train,test}/<class>/NNNNN.png`, `out/boxes.json`, `out/meta.json` and `out/preview.png`;
-    `clutter`: a level of `CLUTTER` or a dict of `make_scene` knobs (see `scene_style`)."""
-    out, style = Path(out), scene_style(clutter)
+                    force: bool = False, clutter=DEFAULT_CLUTTER, n_val: int | None = None, kind: str = 'shapes') -> Path:
+    """Write `out/{train,val,test}/<class>/NNNNN.png`, `out/boxes.json`, `out/meta.json` and `out/preview.png`.
+    `n_val` (default: `n_test`) validation scenes come from their own seed stream: tune on val, report on test.
+    `kind`: 'shapes' (the clutter scenes; `clutter` a level of `CLUTTER` or a dict of knobs) or 'digits'."""
+    out, style = Path(out), scene_style(clutter, kind)
+    n_val = n_test if n_val is None else n_val
     if size < 16: raise ScfsError(f'scene size must be >= 16 pixels, got {size}')
-    if n_train < 1 or n_test < 0: raise ScfsError(f'need at least 1 training image and >= 0 test images, got {n_train}/{n_test}')
+    if n_train < 1 or n_test < 0 or n_val < 0: raise ScfsError(f'need >= 1 training image and >= 0 val/test images, got {n_train}/{n_val}/{n_test}')
     if out.exists() and not out.is_dir(): raise ScfsError(f'{out} exists and is not a folder')
     if out.exists() and any(out.iterdir()) and not (out / 'meta.json').exists() and not force:
         raise ScfsError(f'{out} is a non-empty folder that does not hold clutter scenes (no meta.json); '
                         'choose another folder or pass --force')
-    for sub in ('train', 'test'):               # never leave stale images from an earlier, larger run
+    for sub in _SPLITS:                          # never leave stale images from an earlier, larger run
         if (out / sub).exists(): shutil.rmtree(out / sub)
     out.mkdir(parents=True, exist_ok=True)
-    (out / 'meta.json').write_text(json.dumps(dict(_meta(n_train, n_test, size, seed, style), complete=False)))  # marks the folder as ours
-    for split in ('train', 'test'):
-        for c in SCENE_CLASSES: (out / split / c).mkdir(parents=True, exist_ok=True)
-    jobs = []
-    for split, n in (('train', n_train), ('test', n_test)):
-        for s in range(0, n, 250): jobs.append((str(out), split, list(range(s, min(n, s + 250))), size, seed, style))
+    meta = _meta(n_train, n_test, size, seed, style, n_val, kind)
+    (out / 'meta.json').write_text(json.dumps(dict(meta, complete=False)))  # marks the folder as ours
+    counts = {'train': n_train, 'val': n_val, 'test': n_test}
+    jobs = [(str(out), sp, list(range(s, min(n, s + 250))), size, seed, style, kind)
+            for sp, n in counts.items() for s in range(0, n, 250)]
+    for sp, n in counts.items():
+        for c in _classes(kind)[:n]: (out / sp / c).mkdir(parents=True, exist_ok=True)
     if workers and workers > 1 and len(jobs) > 1:
         import multiprocessing as mp
         ctx = mp.get_context('fork' if 'fork' in mp.get_all_start_methods() else 'spawn')
@@ -300,25 +322,27 @@ def generate_scenes(out, n_train: int = 5000, n_test: int = 1000, size: int = 64
         parts = [_scene_job(j) for j in jobs]
     boxes = {rel: box for part in parts for rel, box in part}
     (out / 'boxes.json').write_text(json.dumps(boxes, indent=0, sort_keys=True))
-    items = [make_scene(np.random.default_rng([seed, 0, i]), size, label=i % len(SCENE_CLASSES), **style) for i in range(min(n_train, 20))]
-    _grid_with_boxes(items, ncol=10, scale=max(1, 128 // size)).save(out / 'preview.png', format='PNG')
-    (out / 'meta.json').write_text(json.dumps(_meta(n_train, n_test, size, seed, style), indent=1))  # written last = complete
+    items = [_draw(kind, seed, 'train', i, size, style) for i in range(min(n_train, 20))]
+    _grid_with_boxes(items, ncol=10, scale=max(1, 128 // size), classes=_classes(kind)).save(out / 'preview.png', format='PNG')
+    (out / 'meta.json').write_text(json.dumps(meta, indent=1))  # written last = complete
     return out
 
 def ensure_scenes(out=DEFAULT_SCENES, n_train: int = 5000, n_test: int = 1000, size: int = 64, seed: int = 0,
-                  workers: int = 2, clutter=DEFAULT_CLUTTER) -> Path:
+                  workers: int = 2, clutter=DEFAULT_CLUTTER, n_val: int | None = None, kind: str = 'shapes') -> Path:
     "Return `out`, generating the scenes first unless `out/meta.json` matches the parameters."
     out = Path(out)
-    want = _meta(n_train, n_test, size, seed, scene_style(clutter))
+    n_val = n_test if n_val is None else n_val
+    want = _meta(n_train, n_test, size, seed, scene_style(clutter, kind), n_val, kind)
     try: ok = json.loads((out / 'meta.json').read_text()) == want and (out / 'boxes.json').exists()
     except (OSError, ValueError): ok = False
-    return out if ok else generate_scenes(out, n_train, n_test, size, seed, workers, clutter=clutter)
+    return out if ok else generate_scenes(out, n_train, n_test, size, seed, workers, clutter=clutter, n_val=n_val, kind=kind)
 
 def load_boxes(scenes_root=DEFAULT_SCENES) -> dict:
     "`{'train/circle/00012.png': (x0, y0, x1, y1), ...}` from `scenes_root/boxes.json`."
     p = Path(scenes_root) / 'boxes.json'
     if not p.exists(): raise ScfsError(f'no boxes.json in {scenes_root} (generate it with `scfs scenes {scenes_root}`)')
     return {k: tuple(v) for k, v in json.loads(p.read_text()).items()}
+
 
 # %% ../nbs/00_data.ipynb #42e5e189
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.ppm', '.pgm', '.pbm', '.tif', '.tiff', '.webp', '.gif')
@@ -442,6 +466,95 @@ def load_photo(name: str) -> Image.Image:
         if name in (p.name, p.stem): return _load(p)
     raise ScfsError(f'no sample photo {name!r} in {_photos_dir()}; have: {[p.stem for p in sample_photos()]}')
 
+# %% ../nbs/00_data.ipynb #75421409
+DIGIT_CLASSES = ['zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine']
+DIGIT_CLUTTER = dict(object_size=(0.3, 0.5), distractors=(1, 3))
+_DIGIT_POOLS = {'train': (0.0, 0.6), 'val': (0.6, 0.8), 'test': (0.8, 1.0)}   # disjoint digit instances per split
+
+def _data_dir() -> Path:
+    import scfs
+    return Path(scfs.__file__).resolve().parent.parent / 'data'
+
+_CACHE = {}
+def _digits() -> tuple:
+    "The 1,797 handwritten 8x8 digits (values 0-16) shipped in data/digits/ and their labels, as numpy arrays."
+    if 'digits' not in _CACHE:
+        p = _data_dir() / 'digits' / 'digits.csv.gz'
+        if not p.exists(): raise ScfsError(f'{p} is missing: the digit scenes need the repository\'s data/ folder (pip install -e .)')
+        a = np.loadtxt(p, delimiter=',', dtype=np.float32)
+        _CACHE['digits'] = (a[:, :64].reshape(-1, 8, 8) / 16.0, a[:, 64].astype(np.int64))
+    return _CACHE['digits']
+
+def _digit_pool(split: str, label: int) -> np.ndarray:
+    "Indices of the digits of class `label` reserved for `split` (a fixed partition: no digit appears in two splits)."
+    x, y = _digits()
+    idx = np.flatnonzero(y == label)
+    idx = idx[np.random.default_rng(label).permutation(len(idx))]
+    a, b = _DIGIT_POOLS[split]
+    return idx[int(a * len(idx)):int(b * len(idx))]
+
+def _photo_grounds() -> list:
+    "Real-photo backgrounds: the CC0 textures in data/textures/ and the sample photos, as float RGB arrays."
+    if 'grounds' not in _CACHE:
+        files = sorted((_data_dir() / 'textures').glob('*.jpg')) + sample_photos()
+        if not files: raise ScfsError(f'no textures or photos under {_data_dir()}')
+        _CACHE['grounds'] = [np.asarray(to_rgb(Image.open(f)), dtype=np.float32) for f in files]
+    return _CACHE['grounds']
+
+def _photo_patch(rng, size: int, grey_tint: bool = True) -> np.ndarray:
+    "A random crop (1/8 to 1/2 of the photo's short side, random flip) of a random photo, resized to size x size, tinted."
+    g = _photo_grounds()[rng.integers(len(_photo_grounds()))]
+    h, w = g.shape[:2]
+    s = int(min(h, w) * rng.uniform(0.125, 0.5))
+    y, x = rng.integers(0, h - s + 1), rng.integers(0, w - s + 1)
+    im = Image.fromarray(g[y:y + s, x:x + s].astype(np.uint8)).resize((size, size), Image.BILINEAR)
+    a = np.asarray(im, dtype=np.float32)
+    if rng.random() < 0.5: a = a[:, ::-1]
+    if grey_tint:                                   # random colour cast, so grey textures are not all grey
+        lum = a.mean(2, keepdims=True)
+        tint = rng.uniform(0.4, 1.3, 3).astype(np.float32)
+        mix = rng.uniform(0.3, 1.0)
+        a = mix * lum * tint + (1 - mix) * a
+    return np.clip(a, 0, 255)
+
+
+# %% ../nbs/00_data.ipynb #8b5e30c9
+def make_digit_scene(rng: np.random.Generator, size: int = 64, label: int | None = None, split: str = 'train',
+                     object_size=(0.3, 0.5), distractors=(1, 3)):
+    """One *digit scene* -> (PIL RGB image, label, tight object box): a handwritten digit (from the split's own pool),
+    coloured, rotated and scaled to `object_size` of the side, on a crop of a real photo or texture, among
+    `distractors` patches of other photos. Unlike the shape scenes: another object source, real-photo backgrounds,
+    smaller objects."""
+    if label is None: label = int(rng.integers(10))
+    x, _ = _digits()
+    pool = _digit_pool(split, label)
+    digit = x[pool[rng.integers(len(pool))]]
+    img = _photo_patch(rng, size)
+    for _ in range(int(rng.integers(distractors[0], distractors[1] + 1))):
+        r = size * rng.uniform(0.08, 0.18)
+        m = _poly_mask(_distractor_polys(rng), size, rng.uniform(0, size, 2), r, rng.uniform(0, 2 * np.pi))
+        if (reg := _region(m)) is not None:
+            y0, y1, x0, x1 = reg
+            img = _paste(img, _photo_patch(rng, size)[y0:y1, x0:x1], m, reg)
+    side = int(round(size * rng.uniform(*object_size)))
+    d = Image.fromarray((digit * 255).astype(np.uint8)).resize((side, side), Image.BICUBIC)
+    d = d.rotate(float(rng.uniform(-20, 20)), resample=Image.BICUBIC)
+    alpha = np.clip(np.asarray(d, dtype=np.float32) / 255 * 1.6 - 0.2, 0, 1)
+    cy, cx = rng.integers(0, size - side + 1, 2)
+    m = np.zeros((size, size), np.float32); m[cy:cy + side, cx:cx + side] = alpha
+    reg = _region(m); y0, y1, x0, x1 = reg
+    w = m[y0:y1, x0:x1, None] / m.sum()
+    under = (img[y0:y1, x0:x1] * w).sum((0, 1))
+    for _ in range(8):                              # a colour that stands out from what the digit covers
+        col = _colour(rng)
+        if np.linalg.norm(col - under) >= _MIN_CONTRAST: break
+    tex = np.broadcast_to(col.astype(np.float32), (y1 - y0, x1 - x0, 3)) * rng.uniform(0.85, 1.15, (y1 - y0, x1 - x0, 1))
+    img = _paste(img, tex, m, reg)
+    ys, xs = np.nonzero(m > 0.25)
+    box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+    return Image.fromarray(np.clip(img, 0, 255).round().astype(np.uint8), 'RGB'), int(label), box
+
+
 # %% ../nbs/00_data.ipynb #7286ab27
 def _pair(kind):
     def parse(text):
@@ -452,21 +565,27 @@ def _pair(kind):
 
 def _cli_scenes(args):
     t0 = time.time()
-    style = scene_style(args.clutter, object_size=args.object_size, distractors=args.distractors, background=args.background)
+    if args.kind == 'digits' and args.background: raise ScfsError('--background applies to the shape scenes only')
+    style = scene_style(args.clutter, args.kind, object_size=args.object_size, distractors=args.distractors,
+                        background=args.background)
+    n_val = args.test if args.val is None else args.val
     out = generate_scenes(args.out, args.train, args.test, args.size, args.seed, workers=args.workers, force=args.force,
-                          clutter=style)
-    print(f'wrote {args.train} train + {args.test} test scenes ({len(SCENE_CLASSES)} classes, {args.size}px, '
+                          clutter=style, n_val=n_val, kind=args.kind)
+    print(f'wrote {args.train} train + {n_val} val + {args.test} test {args.kind} scenes ({len(_classes(args.kind))} classes, {args.size}px, '
           f'seed {args.seed}, {style}) to {out} in {time.time() - t0:.1f}s; preview: {out / "preview.png"}')
     return 0
 
 def add_cli(sub):
     "Register `scfs scenes` on an argparse sub-parsers object."
     p = sub.add_parser('scenes', help='generate the clutter-scenes dataset (ImageFolder tree + boxes.json)',
-                       description='Generate procedural clutter scenes: OUT/{train,test}/<class>/NNNNN.png, '
+                       description='Generate procedural scenes: OUT/{train,val,test}/<class>/NNNNN.png, '
                                    'OUT/boxes.json, OUT/meta.json, OUT/preview.png. Same seed -> identical bytes.')
     p.add_argument('out', nargs='?', default=DEFAULT_SCENES, help=f'output folder (default {DEFAULT_SCENES})')
     p.add_argument('--train', type=int, default=5000, help='training images (default 5000)')
+    p.add_argument('--val', type=int, default=None, help='validation images, own seed stream (default: as many as --test)')
     p.add_argument('--test', type=int, default=1000, help='test images (default 1000)')
+    p.add_argument('--kind', default='shapes', choices=SCENE_KINDS, help='shapes: the clutter scenes (default); digits: '
+                   f'the second benchmark, handwritten digits on real photos (conventionally in {DEFAULT_DIGITS})')
     p.add_argument('--size', type=int, default=64, help='side in pixels (default 64)')
     p.add_argument('--seed', type=int, default=0, help='random seed (default 0)')
     p.add_argument('--clutter', default=DEFAULT_CLUTTER, choices=list(CLUTTER),

@@ -4,16 +4,16 @@
 
 # %% ../nbs/12_experiments.ipynb #6f81775f
 from __future__ import annotations
-import csv, json, math, os, statistics, time, traceback
+import csv, json, math, os, shutil, statistics, time, traceback
 from dataclasses import asdict
 from pathlib import Path
 import torch
 
 # %% auto #0
-__all__ = ['MAIN', 'ABLATIONS', 'ABLATION_AXES', 'SWEEP_LEVELS', 'SWEEP', 'METRICS', 'RESULTS', 'STUDY_EPOCHS',
-           'attach_step_curves', 'attention_scores', 'evaluate_run', 'run_one', 'load_results', 'save_results',
-           'run_study', 'summarise', 'paired_difference', 'write_csv', 'verdict', 'study_plan', 'run_plan',
-           'merge_shards', 'evaluate_random']
+__all__ = ['MAIN', 'ABLATIONS', 'ABLATION_AXES', 'SWEEP_LEVELS', 'SWEEP', 'METRICS', 'RECIPES', 'BENCHMARKS', 'RESULTS',
+           'STUDY_EPOCHS', 'attach_step_curves', 'attention_scores', 'evaluate_run', 'run_one', 'load_results',
+           'save_results', 'run_study', 'summarise', 'paired_difference', 'write_csv', 'verdict', 'ci95', 'run_recipe',
+           'recipe_rows', 'recipe_markdown', 'study_plan', 'run_plan', 'merge_shards', 'evaluate_random']
 
 # %% ../nbs/12_experiments.ipynb #cef06d3f
 def _w(n):
@@ -227,6 +227,95 @@ def verdict(results, a='scfs', b='dino') -> str:
         parts.append(f"{label}: {cmp} ({d['mean']:+.2f} points, std {d['std']:.2f} over {n} paired seeds, "
                      f"{a.upper()} ahead on {d['wins']}/{n}).")
     return ' '.join(parts)
+
+# %% ../nbs/12_experiments.ipynb #8f004f6f
+RECIPES = 'nbs/results/recipes.json'
+BENCHMARKS = {'shapes': 'data/clutter-scenes', 'digits': 'data/digit-scenes'}   # = DEFAULT_SCENES, DEFAULT_DIGITS
+_T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 12: 2.18, 15: 2.13,
+        20: 2.09, 30: 2.04}
+
+def ci95(xs) -> tuple:
+    "(mean, half-width of the 95 % t-interval, n) of the numbers `xs`; half-width None for a single value."
+    xs = [float(x) for x in xs if x is not None]
+    if not xs: return (None, None, 0)
+    if len(xs) == 1: return (xs[0], None, 1)
+    df = len(xs) - 1
+    t = _T95.get(df) or next((v for k, v in sorted(_T95.items()) if k >= df), 1.96)
+    return (statistics.fmean(xs), t * statistics.stdev(xs) / math.sqrt(len(xs)), len(xs))
+
+def _locked_update(path, fn):
+    "Read-modify-write the JSON results file `path` under an exclusive lock (runs in parallel processes share it)."
+    p = Path(path); p.parent.mkdir(parents=True, exist_ok=True)
+    with open(p.with_suffix('.lock'), 'w') as lk:
+        try:
+            import fcntl; fcntl.flock(lk, fcntl.LOCK_EX)
+        except ImportError: pass                      # no fcntl (Windows): one process at a time, please
+        data = json.loads(p.read_text()) if p.exists() else dict(meta={}, runs=[])
+        fn(data)
+        tmp = p.with_suffix('.tmp'); tmp.write_text(json.dumps(_jsonable(data), indent=1)); os.replace(tmp, p)
+    return data
+
+
+# %% ../nbs/12_experiments.ipynb #194960c3
+def run_recipe(name: str, overrides: dict, seed: int, bench: str = 'shapes', *, path=RECIPES, out_root='runs/recipes',
+               threads: int = 1, keep: bool = False, log=print) -> dict:
+    """Train the `tiny` preset with `overrides` on benchmark `bench` (generated on first use) with `seed`, then store
+    the kNN of its teacher and of a random-init backbone on the **val** split (never test), the minutes and the
+    monitor curve in `path`. A (name, bench, seed) already stored is skipped: the runner is resumable."""
+    from scfs.train import get_config, train, read_metrics
+    from scfs.evaluate import knn_checkpoint
+    key = (name, bench, seed)
+    if any((r['name'], r['bench'], r['seed']) == key for r in load_results(path)): return {}
+    run_dir = Path(out_root) / f'{name}-{bench}-s{seed}'
+    cfg = get_config('tiny', data=BENCHMARKS[bench], **overrides, seed=seed, out=str(run_dir), eval=False,
+                     progress=False, tensorboard=False, force=True, threads=threads)
+    t0 = time.time(); train(cfg); minutes = (time.time() - t0) / 60
+    data = Path(cfg.data)
+    ev = dict(size=cfg.eval_size, k=cfg.knn_k, T=cfg.knn_T)
+    val = knn_checkpoint(run_dir / 'checkpoint_last.pth', data / 'train', data / 'val', **ev)['acc']
+    rnd = knn_checkpoint(None, data / 'train', data / 'val', backbone=cfg.backbone, backbone_kw=cfg.backbone_kw,
+                         seed=seed, **ev)['acc']
+    mon = [(m['step'], m['knn']) for m in read_metrics(run_dir, 'monitor')]
+    eps = read_metrics(run_dir, 'epoch')
+    r = dict(name=name, bench=bench, seed=seed, overrides=overrides, method=cfg.method, val_knn=val, random_val_knn=rnd,
+             gain=val - rnd, minutes=minutes, steps=len(read_metrics(run_dir, 'step')), monitor=mon,
+             state=eps[-1].get('state') if eps else None, date=time.strftime('%Y-%m-%d'), threads=threads)
+    _locked_update(path, lambda d: d['runs'].append(r))
+    if not keep: shutil.rmtree(run_dir, ignore_errors=True)
+    log(f"{name} [{bench}] seed {seed}: val kNN {val:.1f} (random init {rnd:.1f}, gain {val - rnd:+.1f}) in {minutes:.1f} min")
+    return r
+
+def recipe_rows(results, names=None) -> list[dict]:
+    "One row per (recipe, benchmark): seeds, mean val kNN, mean gain over random init with its 95 % interval, minutes."
+    groups = {}
+    for r in results:
+        if names is None or r['name'] in names: groups.setdefault((r['name'], r['bench']), []).append(r)
+    order = names or list(dict.fromkeys(n for n, _ in groups))
+    rows = []
+    for n in order:
+        for b in BENCHMARKS:
+            rs = groups.get((n, b))
+            if not rs: continue
+            g, h, k = ci95([r['gain'] for r in rs])
+            rows.append(dict(name=n, bench=b, n=k, seeds=sorted(r['seed'] for r in rs), overrides=rs[0]['overrides'],
+                             val_knn=statistics.fmean(r['val_knn'] for r in rs),
+                             random=statistics.fmean(r['random_val_knn'] for r in rs), gain=g, gain_ci=h,
+                             minutes=statistics.fmean(r['minutes'] for r in rs)))
+    return rows
+
+def _pm(m, h, fmt='{:+.1f}'): return '—' if m is None else fmt.format(m) + ('' if h is None else f' ± {h:.1f}')
+
+def recipe_markdown(rows, notes: dict | None = None) -> str:
+    "The recipe table as Markdown (gain = val kNN − random-init val kNN, mean ± 95 % t-interval over seeds)."
+    notes = notes or {}
+    out = ['| recipe | change from `tiny` | benchmark | seeds | val kNN (%) | random init | gain ± 95 % CI | min/run |',
+           '|---|---|---|---|---|---|---|---|']
+    for r in rows:
+        ch = notes.get(r['name']) or (', '.join(f'{k}={v}' for k, v in r['overrides'].items()) or '—')
+        out.append(f"| {r['name']} | {ch} | {r['bench']} | {r['n']} | {r['val_knn']:.1f} | {r['random']:.1f} | "
+                   f"{_pm(r['gain'], r['gain_ci'])} | {r['minutes']:.1f} |")
+    return '\n'.join(out)
+
 
 # %% ../nbs/12_experiments.ipynb #dc14ffec
 RESULTS = 'nbs/results/experiments.json'

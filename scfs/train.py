@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
-from .data import ScfsError, quick_mode, ImageDataset, DEFAULT_SCENES, DEFAULT_CLUTTER, ensure_scenes, load_images
+from .data import ScfsError, quick_mode, ImageDataset, DEFAULT_SCENES, DEFAULT_DIGITS, DEFAULT_CLUTTER, ensure_scenes, load_images
 from .augment import MultiCrop, BatchMultiCrop, multicrop_collate, eval_transform
 from .backbone import build_backbone
 from .model import SCFS
@@ -37,15 +37,15 @@ class Config:
     "Every setting of a pretraining run. The defaults are the `tiny` preset; see `PRESETS` and `get_config`."
     preset: str = 'tiny'
     # data
-    data: str = DEFAULT_SCENES          # image folder (labelled or not); a folder with train/ (and test/) uses train/
-    generate: bool = True               # generate the clutter scenes if `data` is the default scenes folder and missing
+    data: str = DEFAULT_SCENES          # image folder (labelled or not); a folder with train/ (and val/, test/) uses train/
+    generate: bool = True               # generate the scenes if `data` is DEFAULT_SCENES (shapes) or DEFAULT_DIGITS (digits) and missing
     scenes_train: int = 5000
     scenes_test: int = 1000
     scenes_size: int = 64
     scenes_clutter: str = DEFAULT_CLUTTER  # clutter level of the generated scenes (scfs.data.CLUTTER; 'low')
     subset: int = 0                     # >0: pretrain on a fixed random subset of this many images
     knn_train: str | None = None        # labelled folders for the final kNN; None: <data>/train and <data>/test
-    knn_val: str | None = None
+    knn_val: str | None = None          # (the final kNN also reads <data>/val when it exists; the monitor reads only val)
     # model
     method: str = 'scfs'                # 'scfs' or 'dino'
     backbone: str = 'small'
@@ -111,7 +111,7 @@ class Config:
     knn_k: int = 20
     knn_T: float = 0.07
     monitor_every: int = 1              # online kNN on a fixed labelled subset every N epochs (0: off)
-    monitor_n: int = 1000               # images of that subset (train; half as many val)
+    monitor_n: int = 1000               # images of that subset: train, and half as many val (<data>/val, else held out of train)
     progress: bool = True
     tensorboard: bool = True            # only used if tensorboard is installed
     resume: bool = False
@@ -409,17 +409,25 @@ def plot_loss_curve(run_dir, out=None, show: bool = False):
 
 # %% ../nbs/07_train.ipynb #e483279e
 class KnnMonitor:
-    "kNN top-1 (%) of a backbone on a fixed labelled subset held in memory: the online monitor of a run."
+    """kNN top-1 (%) of a backbone on a fixed labelled subset held in memory: the online monitor of a run.
+    The memory bank is `n` images of `train_dir`; the queries are `n // 2` images of `val_dir`, or, without a val
+    folder, `n // 2` further images of `train_dir` held out of the bank (never the test split)."""
     def __init__(self, train_dir, val_dir, size: int, n: int = 1000, k: int = 20, T: float = 0.07, seed: int = 0,
                  device='cpu'):
         self.k, self.T, self.device = k, T, device
-        self.train = self._subset(train_dir, size, n, seed)
-        self.val = self._subset(val_dir, size, max(n // 2, 1), seed + 1)
+        nq = max(n // 2, 1)
+        if val_dir is not None:
+            self.train, self.val = self._subset(train_dir, size, n, seed), self._subset(val_dir, size, nq, seed + 1)
+        else:
+            both = self._subset(train_dir, size, n + nq, seed)
+            self.train, self.val = (torch.utils.data.Subset(both, r) for r in (range(0, len(both), 3), range(2, len(both), 3))) \
+                if len(both) < n + nq else (torch.utils.data.Subset(both, range(n)), torch.utils.data.Subset(both, range(n, n + nq)))
+        self.source = 'val' if val_dir is not None else 'held-out train'
 
     @staticmethod
     def _subset(folder, size, n, seed):
         ds = ImageDataset(folder, transform=eval_transform(size))
-        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].sort().values.tolist()
+        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].tolist()   # random order
         x, y = zip(*(ds[i] for i in idx))
         return torch.utils.data.TensorDataset(torch.stack(x), torch.tensor(y))
 
@@ -427,6 +435,7 @@ class KnnMonitor:
         ftr, ltr = extract_features(backbone, self.train, device=self.device)
         fva, lva = extract_features(backbone, self.val, device=self.device)
         return knn_classify(ftr, ltr, fva, lva, k=self.k, T=self.T)
+
 
 # %% ../nbs/07_train.ipynb #9203953e
 def dist_env() -> dict:
@@ -498,14 +507,18 @@ def _prepare_run_dir(cfg: Config) -> Path:
     barrier()
     return rd
 
+_GENERATED = {DEFAULT_SCENES: 'shapes', DEFAULT_DIGITS: 'digits'}   # folders `scfs pretrain` makes on first use
+
 def _resolve_data(cfg: Config) -> tuple:
-    "(pretraining folder, kNN train folder or None, kNN val folder or None); generates the scenes if needed."
+    """(pretraining folder, kNN train folder or None, kNN test folder or None, val folder or None); generates the
+    scenes if needed. Tuning and the online monitor read val; test is for final tables."""
     data = Path(cfg.data)
-    if cfg.generate and Path(cfg.data) == Path(DEFAULT_SCENES):
+    kind = next((k for p, k in _GENERATED.items() if data == Path(p)), None)
+    if cfg.generate and kind is not None:
         if is_main():
             t = time.time()
             ensure_scenes(cfg.data, n_train=cfg.scenes_train, n_test=cfg.scenes_test, size=cfg.scenes_size,
-                          clutter=cfg.scenes_clutter)
+                          clutter=cfg.scenes_clutter if kind == 'shapes' else {}, kind=kind)
             if time.time() - t > 2: print(f'generated the clutter scenes in {data} ({time.time() - t:.0f} s)', flush=True)
         barrier()
     if not data.is_dir(): raise ScfsError(f'data folder not found: {data}')
@@ -514,7 +527,8 @@ def _resolve_data(cfg: Config) -> tuple:
     kva = Path(cfg.knn_val) if cfg.knn_val else (data / 'test' if (data / 'test').is_dir() else None)
     for p in (ktr, kva):
         if p is not None and cfg.eval and not p.is_dir(): raise ScfsError(f'kNN folder not found: {p}')
-    return train_dir, ktr, kva
+    val = data / 'val' if (data / 'val').is_dir() and ktr is not None else None
+    return train_dir, ktr, kva, val
 
 def _views(cfg: Config, kind):
     "The multi-crop transform of `cfg`: `MultiCrop` (one PIL image) or `BatchMultiCrop` (a uint8 batch)."
@@ -565,6 +579,7 @@ class TrainingRun:
     channels_last: bool
     knn_train: Path | None = None       # labelled folders of the final kNN
     knn_val: Path | None = None
+    val_dir: Path | None = None         # <data>/val: the monitor's queries and the final val kNN (tuning reads it)
     log: MetricsLog | None = None       # main process only
     start_epoch: int = 0                # where a resumed run continues
     start_it: int = 0
@@ -608,7 +623,7 @@ def setup_run(cfg: Config, device: torch.device, rank: int = 0, world: int = 1) 
     amp, channels_last, sync_bn = _runtime_settings(cfg, device, world)
     rd = _prepare_run_dir(cfg)
     ckpt = _resume_checkpoint(cfg, rd, world) if cfg.resume else None
-    train_dir, knn_train, knn_val = _resolve_data(cfg)
+    train_dir, knn_train, knn_val, val_dir = _resolve_data(cfg)
     if is_main():
         print(f'scfs pretrain: preset {cfg.preset!r}, method {cfg.method!r}, device {device}, {world} process(es), amp {amp}')
         print('config:', json.dumps(asdict(cfg), default=str), flush=True)
@@ -626,7 +641,7 @@ def setup_run(cfg: Config, device: torch.device, rank: int = 0, world: int = 1) 
                       loader=loader, niter=niter, sched=make_schedules(cfg, niter),
                       autocast=torch.autocast(device_type=device.type, enabled=amp != 'off',
                                               dtype=torch.float16 if amp == 'fp16' else torch.bfloat16),
-                      channels_last=channels_last, knn_train=knn_train, knn_val=knn_val)
+                      channels_last=channels_last, knn_train=knn_train, knn_val=knn_val, val_dir=val_dir)
     if ckpt is not None:
         restore_state(run, ckpt)
         if run.main: print(f'resumed from {run.ck_path}: epoch {run.start_epoch}, iteration {run.start_it}')
@@ -634,8 +649,8 @@ def setup_run(cfg: Config, device: torch.device, rank: int = 0, world: int = 1) 
     if run.main:
         run.log = MetricsLog(rd / 'metrics.jsonl', cfg.tensorboard)
         if ckpt is not None: run.log.truncate(run.start_epoch * niter + run.start_it)
-        if cfg.monitor_every and knn_train is not None and knn_val is not None:
-            run.monitor = KnnMonitor(knn_train, knn_val, cfg.eval_size, cfg.monitor_n, cfg.knn_k, cfg.knn_T, cfg.seed, device)
+        if cfg.monitor_every and knn_train is not None:
+            run.monitor = KnnMonitor(knn_train, val_dir, cfg.eval_size, cfg.monitor_n, cfg.knn_k, cfg.knn_T, cfg.seed, device)
     return run
 
 # %% ../nbs/07_train.ipynb #4d7fce82
@@ -780,19 +795,23 @@ def finish_run(run: TrainingRun, epoch_times: list, t_start: float) -> dict:
     return res
 
 def final_knn(run: TrainingRun) -> dict:
-    "kNN top-1 of the final teacher and (with `eval_random`) of a random-init backbone: dict(knn, knn_all, random_knn)."
+    """kNN top-1 of the final teacher and (with `eval_random`) of a random-init backbone on the test folder (`knn`,
+    `random_knn`) and, when the data has one, on val (`val_knn`, `random_val_knn`: what tuning reads)."""
     cfg, ktr, kva = run.cfg, run.knn_train, run.knn_val
     if ktr is None or kva is None:
         print(f'no labelled train/test folders next to {cfg.data}: skipping the kNN (set knn_train=DIR knn_val=DIR)')
         return {}
     ev = dict(size=cfg.eval_size, k=cfg.knn_k, T=cfg.knn_T, device=run.device, workers=cfg.workers)
-    r = knn_checkpoint(run.ck_path, ktr, kva, **ev)
-    res = dict(knn=r['acc'], knn_all=r['accs'], random_knn=None)
-    if cfg.eval_random:
-        res['random_knn'] = knn_checkpoint(None, ktr, kva, backbone=cfg.backbone, backbone_kw=cfg.backbone_kw,
-                                           seed=cfg.seed, **ev)['acc']
-    print(f"kNN top-1 on {kva} (k={cfg.knn_k}, T={cfg.knn_T}): trained teacher {res['knn']:.2f}%"
-          + (f" | random-init backbone {res['random_knn']:.2f}%" if res['random_knn'] is not None else ''))
+    rnd = dict(backbone=cfg.backbone, backbone_kw=cfg.backbone_kw, seed=cfg.seed)
+    res = dict(knn_all=None, random_knn=None, val_knn=None, random_val_knn=None)
+    for split, folder in (('val_', run.val_dir), ('', kva)):
+        if folder is None: continue
+        r = knn_checkpoint(run.ck_path, ktr, folder, **ev)
+        res[f'{split}knn'] = r['acc']
+        if not split: res['knn_all'] = r['accs']
+        if cfg.eval_random: res[f'random_{split}knn'] = knn_checkpoint(None, ktr, folder, **rnd, **ev)['acc']
+        print(f"kNN top-1 on {folder} (k={cfg.knn_k}, T={cfg.knn_T}): trained teacher {res[f'{split}knn']:.2f}%"
+              + (f" | random-init backbone {res[f'random_{split}knn']:.2f}%" if cfg.eval_random else ''))
     return res
 
 # %% ../nbs/07_train.ipynb #ff968015

@@ -89,24 +89,52 @@ def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, scenes, loader):
 def test_online_monitor_logs_knn_and_collapse_state(tmp_path, scenes, capsys):
     r = train(_run_cfg(tmp_path, scenes, 'm', epochs=2, eval=True, eval_random=False, monitor_n=40, progress=True))
     mons = read_metrics(r['run_dir'], 'monitor')
-    assert [m['epoch'] for m in mons] == [-1, 0, 1] and all(0 <= m['knn'] <= 100 for m in mons)
+    assert [m['epoch'] for m in mons] == [-1, 0, 1]
     assert [m['step'] for m in mons] == [-1, 5, 11]            # 6 iterations per epoch; -1: before the first step
     eps = read_metrics(r['run_dir'], 'epoch')
     assert [e['knn'] for e in eps] == [m['knn'] for m in mons[1:]]
-    assert all(e['state'] in ('uniform', 'one-hot', 'ok') and 0 <= e['teacher_entropy'] <= math.log(128) + 1e-4 for e in eps)
+    assert all(0 <= e['teacher_entropy'] <= math.log(128) + 1e-4 for e in eps)
     steps = read_metrics(r['run_dir'])
     assert all({'teacher_entropy', 'teacher_kl_uniform', 'teacher_student_kl'} <= set(s) for s in steps)
     out = capsys.readouterr().out
     assert 'kNN' in out and 'teacher entropy' in out and f"of ln K = {math.log(128):.2f}" in out
-    # the first reading is the untrained teacher: a fresh model with the same seed gives the same number
+    # the monitor's queries are the val split: the first reading is the untrained teacher on val (a fresh model with
+    # the same seed gives the same number), the last one the final teacher's
     from scfs.train import KnnMonitor, build_model
+    from scfs.evaluate import load_backbone, knn_checkpoint
     cfg = _run_cfg(tmp_path, scenes, 'm2')
     torch.manual_seed(cfg.seed); fresh = build_model(cfg)
-    mon = KnnMonitor(scenes / 'train', scenes / 'test', cfg.eval_size, n=40, seed=cfg.seed)
-    assert mon(fresh.teacher['backbone']) == mons[0]['knn']
+    mon = KnnMonitor(scenes / 'train', scenes / 'val', cfg.eval_size, n=40, seed=cfg.seed)
+    assert mon.source == 'val' and mon(fresh.teacher['backbone']) == mons[0]['knn']
+    final, _ = load_backbone(r['run_dir'] / 'checkpoint_last.pth', which='teacher')
+    assert mon(final) == mons[-1]['knn']
+    # the final kNN reads test and val separately
+    ck = r['run_dir'] / 'checkpoint_last.pth'
+    assert r['val_knn'] == knn_checkpoint(ck, scenes / 'train', scenes / 'val', size=32)['acc']
+    assert r['knn'] == knn_checkpoint(ck, scenes / 'train', scenes / 'test', size=32)['acc']
     # monitor_every=0 turns it off
     r0 = train(_run_cfg(tmp_path, scenes, 'm0', epochs=1, max_iters=2, eval=False, monitor_every=0))
     assert read_metrics(r0['run_dir'], 'monitor') == []
+
+
+def test_monitor_without_val_holds_out_part_of_train(tmp_path, scenes):
+    "A labelled folder with train/ and test/ only: the monitor's queries are train images outside its memory bank, never test."
+    import shutil
+    from scfs.train import KnnMonitor, _resolve_data
+    d = tmp_path / 'noval'
+    for s in ('train', 'test'): shutil.copytree(scenes / s, d / s)
+    cfg = _run_cfg(tmp_path, d, 'x')
+    tr, ktr, kva, val = _resolve_data(cfg)
+    assert (tr, ktr, kva, val) == (d / 'train', d / 'train', d / 'test', None)
+    mon = KnnMonitor(ktr, val, 32, n=40)
+    assert mon.source == 'held-out train' and (len(mon.train), len(mon.val)) == (40, 20)
+    bank = torch.stack([mon.train[i][0] for i in range(len(mon.train))]).flatten(1)
+    qry = torch.stack([mon.val[i][0] for i in range(len(mon.val))]).flatten(1)
+    assert torch.cdist(qry, bank).min() > 0                      # no query is a bank image
+    tests = torch.stack([x for x, _ in KnnMonitor._subset(d / 'test', 32, 40, 0)]).flatten(1)
+    assert torch.cdist(qry, tests).min() > 0                     # and none is a test image
+    # scenes with a val split: the monitor reads it
+    assert _resolve_data(_run_cfg(tmp_path, scenes, 'y'))[3] == scenes / 'val'
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, scenes, monkeypatch):

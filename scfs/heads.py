@@ -63,9 +63,13 @@ def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer:
 _CL = torch.channels_last
 
 class SearchHead(nn.Module):
-    "Per-layer head: residual bottleneck (C->d->d->C) -> GAP -> Linear C->hidden -> BN -> ReLU -> Linear hidden->out -> BN -> L2 norm."
-    def __init__(self, channels: int, out_dim: int = 256, hidden_dim: int = 2048, bottleneck: int | None = None):
+    """Per-layer head: residual bottleneck (C->d->d->C) -> GAP -> Linear C->hidden -> BN -> ReLU -> Linear hidden->out -> BN -> L2 norm.
+    `bottleneck` d: None -> C/4 (at least 8; the official code uses 256 for every layer). `init`: 'kaiming' (default:
+    Kaiming-normal fan-out convs, as torchvision's ResNet) or 'torch' (PyTorch's default init, as the official code)."""
+    def __init__(self, channels: int, out_dim: int = 256, hidden_dim: int = 2048, bottleneck: int | None = None,
+                 init: str = 'kaiming'):
         super().__init__()
+        if init not in ('kaiming', 'torch'): raise ValueError(f"init must be 'kaiming' or 'torch', got {init!r}")
         d = bottleneck or max(channels // 4, 8)
         self.conv1 = nn.Conv2d(channels, d, 1, bias=False); self.bn1 = nn.BatchNorm2d(d)
         self.conv2 = nn.Conv2d(d, d, 3, padding=1, bias=False); self.bn2 = nn.BatchNorm2d(d)
@@ -75,8 +79,9 @@ class SearchHead(nn.Module):
             nn.Linear(channels, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
             nn.Linear(hidden_dim, out_dim), nn.BatchNorm1d(out_dim))
         for m in self.modules():
-            if isinstance(m, nn.Conv2d): nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        self.channels, self.out_dim, self.hidden_dim, self.bottleneck = channels, out_dim, hidden_dim, d
+            if init == 'kaiming' and isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        self.channels, self.out_dim, self.hidden_dim, self.bottleneck, self.init = channels, out_dim, hidden_dim, d, init
 
     def block(self, x: torch.Tensor) -> torch.Tensor:
         "The residual bottleneck block, (N, C, H, W) -> (N, C, H, W); without autograd (the teacher) in channels-last memory."

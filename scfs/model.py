@@ -15,7 +15,7 @@ import torch.distributed as dist
 from .backbone import MultiLayerBackbone, build_backbone
 from .search import search_features
 from .heads import DINOHead, SearchHead
-from .losses import DINOLoss, SearchLoss, koleo_loss
+from .losses import DINOLoss, SearchLoss, koleo_loss, collapse_state
 
 # %% ../nbs/06_model.ipynb #57c11c12
 class Student(nn.ModuleDict):
@@ -56,7 +56,7 @@ def momentum_schedule(epochs: int, niter_per_ep: int, base: float = 0.996, final
 
 # %% ../nbs/06_model.ipynb #fca498fd
 def _bottleneck(channels: int, spec) -> int | None:
-    "Search-head bottleneck width: None -> C/4 (ResNet convention), float in (0, 1] -> that fraction of C, int -> as given."
+    "Search-head bottleneck width: None -> C/4 (ResNet convention), float in (0, 1] -> that fraction of C, int -> as given (official: 256)."
     if spec is None: return None
     if isinstance(spec, float) and 0 < spec <= 1: return max(int(round(channels * spec)), 8)
     return int(spec)
@@ -70,10 +70,18 @@ def _layer_weights(layer_weights, layers) -> dict:
     return dict(zip(layers, w))
 
 
+_POST_CENTRING = ("teacher_entropy", "teacher_kl_uniform", "teacher_student_kl")   # logged unprefixed, for the DINO head
+
+def _diagnostics(name: str, stats: dict, plain=()) -> dict:
+    "f'{name}/raw_entropy', f'{name}/mi', f'{name}/emb_std' from a loss's `stats`, and the keys `plain` as they are."
+    return {**{k: stats[k] for k in plain}, **{f"{name}/{k}": stats[k] for k in ("raw_entropy", "mi", "emb_std")}}
+
+
 class SCFS(nn.Module):
     """SCFS (or the DINO baseline with `method='dino'`): student, EMA teacher, all losses; `forward(crops, epoch)` -> dict of loss terms.
     Search heads: `layer_out_dim` outputs, `layer_hidden` (default `head_hidden`) hidden units, bottleneck `layer_bottleneck`
-    (None = C/4, a float = fraction of the layer's channels C, an int = that width for every layer).
+    (None = C/4, a float = fraction of the layer's channels C, an int = that width for every layer; the official code: 256)
+    and conv init `layer_init` ('kaiming'; 'torch' = PyTorch's default, as the official code), see `04_heads`.
     `centering` ('ema': DINO's running centre, 'sinkhorn': DINOv2's Sinkhorn-Knopp) and `koleo_weight` (KoLeo on the
     DINO head's bottleneck z of the global views, 0: off) are the remedies of `05_losses` for short CPU runs."""
     def __init__(self, backbone='small', method: str = "scfs", n_local: int = 6, out_dim: int = 4096,
@@ -83,7 +91,7 @@ class SCFS(nn.Module):
                  teacher_temp: float = 0.04, warmup_teacher_temp_epochs: int = 0, epochs: int = 100,
                  student_temp: float = 0.1, center_momentum: float = 0.9, layer_hidden: int | None = None,
                  layer_bottleneck: int | None = None, search_temperature: float = 1.0, centering: str = "ema",
-                 koleo_weight: float = 0.0):
+                 koleo_weight: float = 0.0, layer_init: str = "kaiming"):
         super().__init__()
         if method not in ("scfs", "dino"): raise ValueError(f"method must be 'scfs' or 'dino', got {method!r}")
         if search_keys not in ("first", "both"): raise ValueError(f"search_keys must be 'first' or 'both', got {search_keys!r}")
@@ -100,7 +108,7 @@ class SCFS(nn.Module):
         head = DINOHead(bb.embed_dim, out_dim, use_bn=head_bn, norm_last_layer=norm_last_layer,
                         hidden_dim=head_hidden, bottleneck_dim=head_bottleneck)
         layer_heads = nn.ModuleDict({l: SearchHead(bb.channels[l], layer_out_dim, hidden_dim=layer_hidden or head_hidden,
-                                                   bottleneck=_bottleneck(bb.channels[l], layer_bottleneck))
+                                                   bottleneck=_bottleneck(bb.channels[l], layer_bottleneck), init=layer_init)
                                      for l in self.search_layers})
         self.student = Student(dict(backbone=bb, head=head, layer_heads=layer_heads))
         self.teacher = copy.deepcopy(self.student)
@@ -152,7 +160,10 @@ class SCFS(nn.Module):
 
     def forward(self, crops, epoch: int = 0) -> dict:
         """`crops`: list of (B, 3, s, s) tensors, 2 global views (same size) then the local crops (same size).
-        Returns dict(loss, dino, koleo (if koleo_weight), the DINO loss's collapse diagnostics (`teacher_stats`), per search layer l: f'{l}/global', f'{l}/local', f'{l}' (its weighted-in term),
+        Returns dict(loss, dino, koleo (if koleo_weight), the DINO loss's post-centring numbers (`teacher_stats`,
+        `teacher_student_kl`), per search layer l: f'{l}/global', f'{l}/local', f'{l}' (its weighted-in term),
+        for h in 'dino' and every search layer the collapse diagnostics f'{h}/raw_entropy', f'{h}/mi', f'{h}/emb_std'
+        of the teacher's global views (`collapse_stats`, read them with `collapse_state(out, K, prefix=h + '/')`),
         maps={l: (V*n*B, H, W) search maps, detached}); all terms but 'loss' are detached."""
         if len(crops) < 2: raise ValueError("need at least the 2 global views")
         globals_ = torch.cat(crops[:2])
@@ -161,9 +172,10 @@ class SCFS(nn.Module):
         s = self._student_forward(globals_, locals_)
         with torch.no_grad():
             tg = self.teacher["backbone"](globals_)
-            t_head = self.teacher["head"](tg["pooled"])
-        dino = self.losses["dino"](s["head"], t_head, epoch)
-        out = {"dino": dino.detach(), **self.losses["dino"].stats}     # + teacher_entropy, teacher_kl_uniform, ...
+            t_z = self.teacher["head"].embed(tg["pooled"])             # the teacher head in two halves: z for emb_std
+            t_head = self.teacher["head"].last_layer(t_z)
+        dino = self.losses["dino"](s["head"], t_head, epoch, teacher_emb=t_z)
+        out = {"dino": dino.detach(), **_diagnostics("dino", self.losses["dino"].stats, _POST_CENTRING)}
         total, maps = dino, {}
         if self.koleo_weight:                                          # per global view, as DINOv2 does
             koleo = sum(koleo_loss(z) for z in s["z"].chunk(2)) / 2
@@ -182,6 +194,7 @@ class SCFS(nn.Module):
             total = total + self.layer_weights[l] * terms["loss"]
             out[f"{l}/global"], out[f"{l}/local"], out[l] = (terms["global"].detach(), terms["local"].detach(),
                                                              terms["loss"].detach())
+            out.update(_diagnostics(l, self.losses[l].stats))
             maps[l] = A.detach()
         out["loss"], out["maps"] = total, maps
         return out

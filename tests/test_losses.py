@@ -1,7 +1,10 @@
 import math
+import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
-from scfs.losses import DINOLoss, SearchLoss, teacher_temp_schedule
+from scfs.losses import (DINOLoss, SearchLoss, teacher_temp_schedule, collapse_state, collapse_stats, sinkhorn_knopp,
+                         teacher_stats)
 
 
 def _ref(student_output, teacher_output, center, n_crops, temp, student_temp=0.1):
@@ -60,3 +63,106 @@ def test_search_loss_hand_and_both_keys():
     out['loss'].backward()
     assert ts.grad is None and sl.grad is not None
     torch.testing.assert_close(crit.global_loss.center, 0.1 * tg.mean(0, keepdim=True))
+
+
+# --- collapse monitor: each state forced, under both centrings -----------------------------------------------------
+
+K, B = 128, 16
+
+
+def _cosines(n, k=K, d=32, seed=0):
+    "Logits shaped like the DINO head's: cosines between n random unit embeddings and k random unit prototypes."
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(n, d, generator=g), dim=-1) @ F.normalize(torch.randn(k, d, generator=g), dim=-1).T
+
+
+def _run(centering, teacher_logits, steps=30):
+    "A few loss steps on the same teacher batch (the EMA centre catches up), returns the last stats as floats."
+    crit = DINOLoss(K, 4, centering=centering)
+    for _ in range(steps): crit(torch.randn(4 * B, K), teacher_logits)
+    return {k: v.item() for k, v in crit.stats.items()}
+
+
+@pytest.mark.parametrize("centering", ["ema", "sinkhorn"])
+def test_identical_logits_for_every_image_are_not_ok(centering):
+    st = _run(centering, _cosines(1).expand(2 * B, K))
+    assert collapse_state(st, K) == 'one-hot' and st['mi'] < 1e-5
+    # the post-centring numbers do not see it: the centring hides an output shared by every image
+    assert collapse_state(st['teacher_entropy'], st['teacher_kl_uniform'], K) != 'one-hot'
+
+
+@pytest.mark.parametrize("centering", ["ema", "sinkhorn"])
+def test_uniform_logits_read_uniform(centering):
+    st = _run(centering, torch.zeros(2 * B, K))
+    assert math.isclose(st['raw_entropy'], math.log(K), rel_tol=1e-5)
+    assert collapse_state(st, K) == 'uniform'
+
+
+@pytest.mark.parametrize("centering", ["ema", "sinkhorn"])
+def test_random_logits_read_ok(centering):
+    st = _run(centering, _cosines(2 * B))
+    assert collapse_state(st, K) == 'ok' and st['mi'] > 0.02 * math.log(K)
+
+
+def test_constant_embeddings_read_constant_and_spread_ones_about_one():
+    logits = _cosines(2 * B)
+    const = collapse_stats(logits, 0.04, emb=torch.randn(1, 32).expand(2 * B, 32))
+    spread = collapse_stats(logits, 0.04, emb=torch.randn(512, 32))
+    assert const['emb_std'].item() < 1e-5 and collapse_state(const, K) == 'constant'
+    assert 0.9 < spread['emb_std'].item() < 1.1
+    crit = DINOLoss(K, 4)
+    crit(torch.randn(4 * B, K), logits, teacher_emb=torch.ones(2 * B, 8))
+    assert collapse_state(crit.stats, K) == 'constant'
+
+
+def test_collapse_stats_by_hand_and_prefixes():
+    p = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
+    st = collapse_stats(torch.tensor(np.log(p)), 1.0)
+    H = lambda q: -(q * np.log(q)).sum(-1)
+    assert math.isclose(st['raw_entropy'].item(), H(p).mean(), rel_tol=1e-5)
+    assert math.isclose(st['mi'].item(), H(p.mean(0)) - H(p).mean(), rel_tol=1e-5)
+    out = {'layer3/raw_entropy': 1.0, 'layer3/mi': 0.01, 'layer3/emb_std': 1.0, 'dino/raw_entropy': 1.0, 'dino/mi': 2.0}
+    assert collapse_state(out, 64, prefix='layer3/') == 'one-hot' and collapse_state(out, 64, prefix='dino/') == 'ok'
+
+
+def test_old_positional_call_still_works():
+    assert [collapse_state(e, kl, 64) for e, kl in ((4.0, 0.0), (0.1, 3.0), (1.0, 0.5))] == ['uniform', 'one-hot', 'ok']
+    st = teacher_stats(F.one_hot(torch.full((8,), 3), 64).float())
+    assert collapse_state(st['teacher_entropy'], st['teacher_kl_uniform'], 64) == 'one-hot'
+
+
+def test_teacher_student_kl_is_the_kl_of_the_probabilities():
+    "Recomputed pair by pair from the teacher targets and the student log-probabilities (both centrings)."
+    torch.manual_seed(1)
+    for centering in ('ema', 'sinkhorn'):
+        crit = DINOLoss(K, 5, centering=centering)
+        crit.center.normal_()
+        s, t = torch.randn(5 * B, K), torch.randn(2 * B, K)
+        pt = crit.teacher_probs(t).view(2, B, K)
+        crit(s, t)
+        ls = F.log_softmax(s / 0.1, -1).view(5, B, K)
+        kl = torch.stack([(pt[i] * (pt[i].clamp_min(1e-30).log() - ls[j])).sum(-1).mean()
+                          for i in range(2) for j in range(5) if i != j]).mean()
+        torch.testing.assert_close(crit.stats['teacher_student_kl'], kl, rtol=1e-4, atol=1e-5)
+
+
+def _sinkhorn_numpy(S, n_iter=3):
+    "SwAV's distributed_sinkhorn (one process) in float64 NumPy."
+    Q = np.exp(S - S.max()).T
+    Q /= Q.sum()
+    k, n = Q.shape
+    for _ in range(n_iter):
+        Q /= Q.sum(axis=1, keepdims=True); Q /= k
+        Q /= Q.sum(axis=0, keepdims=True); Q /= n
+    return (Q * n).T
+
+
+def test_sinkhorn_three_iterations_as_in_training():
+    S = _cosines(128, k=512, d=64, seed=3) / 0.02                     # the tiny preset's scale: K=512, tau_t=0.02
+    Q = sinkhorn_knopp(S)                                             # default n_iter=3, what DINOLoss uses
+    torch.testing.assert_close(Q.double(), torch.from_numpy(_sinkhorn_numpy(S.double().numpy())), rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(Q.sum(1), torch.ones(128))
+    tv = lambda q: 0.5 * (q.sum(0) / 128 - 1 / 512).abs().sum().item()
+    assert tv(Q) < 0.06 and tv(Q) < tv(sinkhorn_knopp(S, 1)) / 2 < tv(F.softmax(S, -1)) / 4
+    crit = DINOLoss(512, 2, teacher_temp=0.02, centering='sinkhorn')
+    torch.testing.assert_close(crit.teacher_probs(S * 0.02), Q)

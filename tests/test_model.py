@@ -1,7 +1,10 @@
 import copy
+import math
 import pytest
 import torch
+import torch.nn.functional as F
 from scfs.model import SCFS, Student, momentum_schedule, cosine_schedule
+from scfs.losses import collapse_state
 from scfs.search import search_features
 from scfs.heads import DINOHead
 
@@ -22,9 +25,10 @@ def test_forward_keys_total_and_maps():
     m = _model()
     out = m(_crops(), epoch=0)
     layers = ("layer2", "layer3", "layer4")
-    diag = {"teacher_entropy", "teacher_kl_uniform", "teacher_student_kl"}     # collapse diagnostics (05_losses)
+    diag = {"teacher_entropy", "teacher_kl_uniform", "teacher_student_kl"}     # post-centring numbers (05_losses)
+    diag |= {f"{h}/{k}" for h in ("dino",) + layers for k in ("raw_entropy", "mi", "emb_std")}   # collapse_stats
     assert set(out) == {"loss", "dino", "maps"} | diag | {f"{l}{t}" for l in layers for t in ("", "/global", "/local")}
-    torch.testing.assert_close(out["teacher_student_kl"] + out["teacher_entropy"], out["dino"])
+    assert all(out[k].dim() == 0 and not out[k].requires_grad for k in diag)
     torch.testing.assert_close(out["loss"].detach(), out["dino"] + sum(out[l] for l in layers))
     for l in layers:
         torch.testing.assert_close(out[l], 0.5 * (out[f"{l}/global"] + out[f"{l}/local"]))
@@ -55,7 +59,8 @@ def test_dino_vs_scfs_same_dino_term_and_no_layer_heads():
     d, s = _model("dino", seed=5), _model("scfs", seed=5)
     od, os_ = d(_crops()), s(_crops())
     torch.testing.assert_close(od["dino"], os_["dino"])
-    assert od["maps"] == {} and set(od) == {"loss", "dino", "maps", "teacher_entropy", "teacher_kl_uniform", "teacher_student_kl"}
+    assert od["maps"] == {} and set(od) == {"loss", "dino", "maps", "teacher_entropy", "teacher_kl_uniform",
+                                            "teacher_student_kl", "dino/raw_entropy", "dino/mi", "dino/emb_std"}
     assert not any("layer_heads." in k for k in d.state_dict())
     assert set(d.state_dict()) < set(s.state_dict())
     assert os_["loss"].item() > od["loss"].item()
@@ -128,3 +133,61 @@ def test_distribute_single_process_gloo():
         assert "_ddp" not in copy.deepcopy(m).__dict__
     finally:
         dist.destroy_process_group()
+
+
+def test_diagnostics_recomputed_from_the_teacher_and_kl_from_probabilities():
+    "Every diagnostic of the output recomputed from the restored modules; the KL term pair by pair from probabilities."
+    m = _model(seed=3)
+    crops = _crops(3)
+    snap = copy.deepcopy(m.state_dict())
+    out = m(crops, epoch=0)
+    m.load_state_dict(snap)
+    g, loc = torch.cat(crops[:2]), torch.cat(crops[2:])
+    ent = lambda q: -(q * q.clamp_min(1e-12).log()).sum(-1)
+    with torch.no_grad():
+        tg = m.teacher["backbone"](g)
+        z = m.teacher["head"].embed(tg["pooled"])
+        logits = m.teacher["head"].last_layer(z)
+        p = F.softmax(logits / 0.04, -1)
+        torch.testing.assert_close(out["dino/raw_entropy"], ent(p).mean())
+        torch.testing.assert_close(out["dino/mi"], ent(p.mean(0)) - ent(p).mean(), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(out["dino/emb_std"], z.std(0).mean() * math.sqrt(z.shape[1]))
+        for l in ("layer2", "layer3", "layer4"):
+            e = m.teacher["layer_heads"][l](tg[l])
+            pl = F.softmax(e / 0.04, -1)
+            torch.testing.assert_close(out[f"{l}/mi"], ent(pl.mean(0)) - ent(pl).mean(), atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(out[f"{l}/emb_std"], e.std(0).mean() * math.sqrt(e.shape[1]))
+        pt = m.losses["dino"].teacher_probs(logits).view(2, B, -1)          # the centre as before the forward
+        sb = m.student["backbone"]
+        s_head = m.student["head"](torch.cat([sb(g)["pooled"], sb(loc)["pooled"]]))
+        ls = F.log_softmax(s_head / 0.1, -1).view(2 + N, B, -1)
+        kl = torch.stack([(pt[i] * (pt[i].clamp_min(1e-30).log() - ls[j])).sum(-1).mean()
+                          for i in range(2) for j in range(2 + N) if i != j]).mean()
+    torch.testing.assert_close(out["teacher_student_kl"], kl, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("centering", ["ema", "sinkhorn"])
+def test_constant_teacher_features_read_constant_for_every_head(centering):
+    m = _model(centering=centering)
+    with torch.no_grad(): m.teacher["backbone"].net.conv1.weight.zero_()     # the same teacher features for every image
+    out = m(_crops())
+    heads = {"dino": 64, "layer2": 256, "layer3": 256, "layer4": 256}
+    assert {h: collapse_state(out, k, prefix=h + "/") for h, k in heads.items()} == {h: "constant" for h in heads}
+    assert out["dino/mi"] < 1e-4
+
+
+class _SameForAll(torch.nn.Module):
+    "Wraps a layer so that every row gets the output of the first row."
+    def __init__(self, layer): super().__init__(); self.layer = layer
+    def forward(self, z): return self.layer(z[:1]).expand(len(z), -1)
+
+
+@pytest.mark.parametrize("centering", ["ema", "sinkhorn"])
+def test_identical_teacher_logits_read_one_hot_through_the_model(centering):
+    "A teacher DINO head that gives every image the same logits (its embeddings still differ): 'one-hot', not 'ok'."
+    m = _model(centering=centering)
+    head = m.teacher["head"]
+    head.last_layer = _SameForAll(head.last_layer)                          # the same logits for every image
+    out = m(_crops())
+    assert collapse_state(out, 64, prefix="dino/") == "one-hot" and out["dino/mi"] < 1e-5
+    assert out["dino/emb_std"] > 0.1

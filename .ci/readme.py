@@ -1,6 +1,7 @@
 """README.md is generated from nbs/index.ipynb (quarto is not available): its markdown cells, in order, with
-image links rewritten from the notebook folder to the repository root. Code cells are not copied (the index's
-code cells only draw figures saved under nbs/images/).
+image links rewritten from the notebook folder to the repository root, and the stored Markdown output of every code
+cell that starts with `#| readme` (the result tables, rendered from nbs/results/*.json by
+`scfs.experiments.readme_results`). Other code cells are not copied (they draw figures saved under nbs/images/).
 
     python .ci/readme.py          # write README.md
     python .ci/readme.py --check  # exit 1 if README.md is out of date
@@ -12,7 +13,14 @@ HEADER = '<!-- generated from nbs/index.ipynb by .ci/readme.py: edit the noteboo
 
 def render() -> str:
     nb = json.loads((root / 'nbs' / 'index.ipynb').read_text())
-    parts = [''.join(c['source']).strip() for c in nb['cells'] if c['cell_type'] == 'markdown']
+    parts = []
+    for c in nb['cells']:
+        src = ''.join(c['source'])
+        if c['cell_type'] == 'markdown': parts.append(src.strip())
+        elif src.startswith('#| readme'):
+            md = [o['data']['text/markdown'] for o in c.get('outputs', []) if 'text/markdown' in o.get('data', {})]
+            if not md: sys.exit(f'nbs/index.ipynb: a `#| readme` cell has no Markdown output (execute the notebook)')
+            parts.append(''.join(md[-1]).strip())
     text = '\n\n'.join(p for p in parts if p)
     text = re.sub(r'\]\((?!https?://|#|/)([^)\s]+)\)', lambda m: f'](nbs/{m.group(1)})', text)
     text = re.sub(r'src="(?!https?://|/)([^"]+)"', lambda m: f'src="nbs/{m.group(1)}"', text)

@@ -10,10 +10,11 @@ from pathlib import Path
 import torch
 
 # %% auto #0
-__all__ = ['MAIN', 'ABLATIONS', 'ABLATION_AXES', 'SWEEP_LEVELS', 'SWEEP', 'METRICS', 'RECIPES', 'BENCHMARKS', 'RESULTS',
-           'STUDY_EPOCHS', 'attach_step_curves', 'attention_scores', 'evaluate_run', 'run_one', 'load_results',
-           'save_results', 'run_study', 'summarise', 'paired_difference', 'write_csv', 'verdict', 'ci95', 'run_recipe',
-           'recipe_rows', 'recipe_markdown', 'study_plan', 'run_plan', 'merge_shards', 'evaluate_random']
+__all__ = ['MAIN', 'ABLATIONS', 'ABLATION_AXES', 'SWEEP_LEVELS', 'SWEEP', 'METRICS', 'RECIPES', 'BENCHMARKS', 'BENCH_SCENES',
+           'MAIN_JOB', 'README_RECIPES', 'RESULTS', 'STUDY_EPOCHS', 'attach_step_curves', 'attention_scores',
+           'evaluate_run', 'run_one', 'load_results', 'save_results', 'run_study', 'summarise', 'paired_difference',
+           'write_csv', 'verdict', 'ci95', 'run_recipe', 'recipe_rows', 'recipe_markdown', 'record_run',
+           'main_job_markdown', 'readme_results', 'study_plan', 'run_plan', 'merge_shards', 'evaluate_random']
 
 # %% ../nbs/12_experiments.ipynb #cef06d3f
 def _w(n):
@@ -230,7 +231,12 @@ def verdict(results, a='scfs', b='dino') -> str:
 
 # %% ../nbs/12_experiments.ipynb #8f004f6f
 RECIPES = 'nbs/results/recipes.json'
-BENCHMARKS = {'shapes': 'data/clutter-scenes', 'digits': 'data/digit-scenes'}   # = DEFAULT_SCENES, DEFAULT_DIGITS
+BENCHMARKS = {'shapes': 'data/clutter-scenes', 'digits': 'data/digit-scenes',   # = DEFAULT_SCENES, DEFAULT_DIGITS
+              'digits-large': 'data/digit-scenes-large'}
+# diagnostic benchmarks (not targets) and how `run_recipe` generates them: digits without distractors at 60-80 % of
+# the side ask whether the digit benchmark defeats self-supervision through small objects and clutter, or through its
+# class cue (shape on a textured photo) itself
+BENCH_SCENES = {'digits-large': dict(kind='digits', clutter=dict(object_size=(0.6, 0.8), distractors=(0, 0)))}
 _T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 12: 2.18, 15: 2.13,
         20: 2.09, 30: 2.04}
 
@@ -267,6 +273,9 @@ def run_recipe(name: str, overrides: dict, seed: int, bench: str = 'shapes', *, 
     key = (name, bench, seed)
     if any((r['name'], r['bench'], r['seed']) == key for r in load_results(path)): return {}
     run_dir = Path(out_root) / f'{name}-{bench}-s{seed}'
+    if bench in BENCH_SCENES:
+        from scfs.data import ensure_scenes
+        ensure_scenes(BENCHMARKS[bench], **BENCH_SCENES[bench])
     cfg = get_config('tiny', data=BENCHMARKS[bench], **overrides, seed=seed, out=str(run_dir), eval=False,
                      progress=False, tensorboard=False, force=True, threads=threads)
     t0 = time.time(); train(cfg); minutes = (time.time() - t0) / 60
@@ -315,6 +324,50 @@ def recipe_markdown(rows, notes: dict | None = None) -> str:
         out.append(f"| {r['name']} | {ch} | {r['bench']} | {r['n']} | {r['val_knn']:.1f} | {r['random']:.1f} | "
                    f"{_pm(r['gain'], r['gain_ci'])} | {r['minutes']:.1f} |")
     return '\n'.join(out)
+
+
+# %% ../nbs/12_experiments.ipynb #2e71a8e4
+MAIN_JOB = 'nbs/results/main_job.json'
+
+def record_run(run_dir, name: str, path=MAIN_JOB, wall_s: float | None = None) -> dict:
+    """Store a finished `scfs pretrain` run (its results.json, the settings that differ from its preset, the date and
+    machine) under `name` in `path`, replacing an earlier record of that name: prose then quotes the file, not memory."""
+    import platform
+    from scfs.train import get_config
+    rd = Path(run_dir)
+    res, cfg = json.loads((rd / 'results.json').read_text()), json.loads((rd / 'config.json').read_text())
+    base = json.loads(json.dumps(asdict(get_config(cfg['preset'])), default=str))
+    diff = {k: v for k, v in cfg.items() if base.get(k) != v and k not in ('out', 'force', 'progress', 'tensorboard')}
+    eps = [json.loads(l) for l in (rd / 'metrics.jsonl').read_text().splitlines() if '"epoch"' in l and '"type": "epoch"' in l]
+    r = dict(name=name, method=cfg['method'], preset=cfg['preset'], changed=diff, epochs=cfg['epochs'],
+             steps=sum(e.get('iters', 0) for e in eps), **{k: res.get(k) for k in ('knn', 'random_knn', 'val_knn',
+             'random_val_knn', 'epoch_time', 'time')}, wall_s=wall_s, date=time.strftime('%Y-%m-%d'),
+             machine=f'{platform.machine()} {os.cpu_count()} CPU cores', torch=torch.__version__)
+    _locked_update(path, lambda d: d.__setitem__('runs', [x for x in d['runs'] if x['name'] != name] + [r]))
+    return r
+
+def main_job_markdown(path=MAIN_JOB) -> str:
+    "The main-job table (test kNN of `scfs pretrain`, trained vs random init, and its wall time) from `path`."
+    rows = ['| run | data | kNN k=20 on test (%) | random init | gain | val kNN | wall time | date, machine |',
+            '|---|---|---|---|---|---|---|---|']
+    for r in load_results(path):
+        data = r['changed'].get('data', 'shape scenes (default)')
+        wall = r.get('wall_s') or r.get('time') or 0
+        rows.append(f"| `{r['name']}` | {data} | **{r['knn']:.1f}** | {r['random_knn']:.1f} | **{r['knn'] - r['random_knn']:+.1f}** | "
+                    f"{r['val_knn']:.1f} | {int(wall // 60)} min {int(wall % 60):02d} s | {r['date']}, {r['machine']} |")
+    return '\n'.join(rows)
+
+README_RECIPES = ('tiny',)   # the recipe rows the README shows (07_train shows them all)
+
+def readme_results(results_dir='nbs/results') -> str:
+    "The generated part of the README's Results: every number in it comes from the JSON files in `results_dir`."
+    d = Path(results_dir)
+    parts = ['**The main job** (`scfs pretrain`, tiny preset; from `nbs/results/main_job.json`):', '',
+             main_job_markdown(d / 'main_job.json'), '',
+             '**The preset on two benchmarks**, read on val (gain = val kNN − random-init val kNN, mean ± 95 % t-interval '
+             'over seeds; from `nbs/results/recipes.json`):', '',
+             recipe_markdown(recipe_rows(load_results(d / 'recipes.json'), names=list(README_RECIPES)))]
+    return '\n'.join(parts)
 
 
 # %% ../nbs/12_experiments.ipynb #dc14ffec

@@ -28,8 +28,8 @@ __all__ = ['PRESETS', 'Config', 'get_config', 'config_from_dict', 'validate_conf
            'cancel_last_layer_grads', 'MetricsLog', 'read_metrics', 'plot_loss_curve', 'KnnMonitor', 'dist_env',
            'is_dist', 'get_rank', 'get_world_size', 'is_main', 'barrier', 'init_distributed', 'cleanup_distributed',
            'all_reduce_mean', 'build_loader', 'TrainingRun', 'setup_run', 'checkpoint_state', 'restore_state',
-           'end_epoch', 'monitor_knn', 'step_record', 'train_one_epoch', 'train', 'finish_run', 'final_knn', 'add_cli',
-           'cli_config']
+           'collapse_states', 'end_epoch', 'monitor_knn', 'step_record', 'train_one_epoch', 'train', 'finish_run',
+           'final_knn', 'add_cli', 'cli_config', 'term_gradient_norms']
 
 # %% ../nbs/07_train.ipynb #9d57ab16
 @dataclass
@@ -56,6 +56,8 @@ class Config:
     head_bn: bool = True                # BN in the DINO head's MLP (tiny: on, as in lightly/solo-learn small-data DINO)
     norm_last_layer: bool = True
     layer_out_dim: int = 64
+    layer_bottleneck: int | None = None # search-head bottleneck width: None = C/4 (the official code: 256 for every layer)
+    layer_init: str = 'kaiming'         # search-head conv init: 'kaiming', or 'torch' = PyTorch's default (the official code's)
     search_layers: tuple = ('layer2', 'layer3', 'layer4')
     layer_weights: tuple | None = (0.03, 0.03, 0.03)  # weight of each search layer's loss (official: 1 each; tiny: 0.03, see the table)
     search_softmax: bool = False
@@ -70,6 +72,7 @@ class Config:
     jitter: tuple = (0.4, 0.4, 0.4, 0.5)            # colour jitter strength: brightness, contrast, saturation, hue (tiny: strong hue)
     p_jitter: float = 1.0                           # probability of colour jitter per view
     p_grey: float = 0.2                             # probability of a greyscale view
+    blur_sigma: tuple = (0.1, 2.0)                  # Gaussian-blur sigma range for a 224-px view (DINO's), scaled by crop size / 224
     loader: str = 'memory'                          # 'memory': BatchMultiCrop on images held in memory; 'folder': MultiCrop in workers
     memory_size: int = 64                           # loader='memory': images are stored as memory_size x memory_size
     # optimisation
@@ -322,7 +325,7 @@ def build_model(cfg: Config) -> nn.Module:
               search_keys=cfg.search_keys, warmup_teacher_temp=cfg.warmup_teacher_temp, teacher_temp=cfg.teacher_temp,
               warmup_teacher_temp_epochs=cfg.warmup_teacher_temp_epochs, epochs=cfg.epochs,
               student_temp=cfg.student_temp, center_momentum=cfg.center_momentum, centering=cfg.centering,
-              koleo_weight=cfg.koleo_weight)
+              koleo_weight=cfg.koleo_weight, layer_bottleneck=cfg.layer_bottleneck, layer_init=cfg.layer_init)
     if cfg.backbone_kw:
         kw['backbone'] = build_backbone(cfg.backbone, **cfg.backbone_kw)
     return SCFS(**kw)
@@ -397,7 +400,8 @@ def plot_loss_curve(run_dir, out=None, show: bool = False):
         if 'dino' in steps[0]: ax[0].plot(x, [r['dino'] for r in steps], lw=0.7, alpha=0.6, label='DINO term')
     if epochs: ax[0].plot([r['step'] for r in epochs], [r['loss'] for r in epochs], 'o-', ms=3, label='total, epoch mean')
     ax[0].set(xlabel='iteration', ylabel='loss', title=Path(run_dir).name); ax[0].legend(fontsize=8)
-    for k, lab in (('teacher_entropy', 'teacher entropy'), ('teacher_kl_uniform', 'KL(batch mean || uniform)')):
+    for k, lab in (('dino/raw_entropy', 'teacher raw entropy (uniform: ln K)'), ('dino/mi', 'MI image-prototype (one-hot: 0)'),
+                   ('teacher_entropy', 'entropy after centring')):
         if steps and k in steps[0]: ax[1].plot(x, [r[k] for r in steps], lw=0.8, label=lab)
     if K: ax[1].axhline(math.log(K), color='k', ls='--', lw=0.8, label=f'ln K = {math.log(K):.2f} (uniform)')
     ax[1].set(xlabel='iteration', ylabel='nats', title='collapse diagnostics'); ax[1].legend(fontsize=8)
@@ -534,7 +538,7 @@ def _views(cfg: Config, kind):
     "The multi-crop transform of `cfg`: `MultiCrop` (one PIL image) or `BatchMultiCrop` (a uint8 batch)."
     return kind(global_size=cfg.global_size, local_size=cfg.local_size, n_local=cfg.n_local,
                 global_scale=tuple(cfg.global_scale), local_scale=tuple(cfg.local_scale), photometric=cfg.photometric,
-                jitter=tuple(cfg.jitter), p_jitter=cfg.p_jitter, p_grey=cfg.p_grey)
+                jitter=tuple(cfg.jitter), p_jitter=cfg.p_jitter, p_grey=cfg.p_grey, blur_sigma=tuple(cfg.blur_sigma))
 
 def build_loader(cfg: Config, train_dir, world: int = 1, rank: int = 0, device='cpu'):
     """(dataset-or-loader with an `epoch` attribute, ResumableSampler, iterable of batches) for multi-crop pretraining
@@ -669,10 +673,17 @@ def restore_state(run: TrainingRun, ckpt: dict):
     run.start_epoch, run.start_it = ckpt['epoch'], ckpt['iteration']
     set_rng_state(ckpt['rng'])
 
+def collapse_states(stats: dict, cfg: Config) -> dict:
+    """The collapse state of the DINO head ('dino') and of each search head from (epoch-mean) diagnostics of
+    `SCFS.forward`: `collapse_state(stats, K, prefix=head + '/')`, K the head's output size."""
+    heads = {'dino': cfg.out_dim, **{l: cfg.layer_out_dim for l in cfg.search_layers}}
+    return {h: collapse_state(stats, k, prefix=h + '/') for h, k in heads.items() if f'{h}/raw_entropy' in stats}
+
 def end_epoch(run: TrainingRun, epoch: int, stats: dict):
     "Main process, after each epoch: the epoch's metrics line, checkpoint_last.pth (+ a numbered copy), the loss curve."
-    if 'teacher_entropy' in stats:
-        stats['state'] = collapse_state(stats['teacher_entropy'], stats['teacher_kl_uniform'], run.cfg.out_dim)
+    states = collapse_states(stats, run.cfg)
+    if 'dino' in states: stats['state'] = states.pop('dino')                # the DINO head's state: 'state'
+    stats.update({f'{h}/state': s for h, s in states.items()})              # each search head's: 'layer3/state'
     rec = dict(type='epoch', epoch=epoch, step=(epoch + 1) * run.niter - 1, **stats)
     run.log.log(rec)
     save_checkpoint(checkpoint_state(run, epoch + 1, 0), run.ck_path)
@@ -681,8 +692,9 @@ def end_epoch(run: TrainingRun, epoch: int, stats: dict):
     plot_loss_curve(run.run_dir)
     print(f"epoch {epoch + 1}/{run.cfg.epochs}: loss {rec.get('loss', float('nan')):.4f}"
           + (f", kNN {stats['knn']:.1f}% (monitor)" if stats.get('knn') is not None else '')
-          + (f", teacher entropy {stats['teacher_entropy']:.2f} of ln K = {math.log(run.cfg.out_dim):.2f} ({stats['state']})"
-             if 'state' in stats else '') + f", {stats['time']:.1f} s", flush=True)
+          + (f", teacher raw entropy {stats['dino/raw_entropy']:.2f} of ln K = {math.log(run.cfg.out_dim):.2f}"
+             f" ({stats['state']})" if 'state' in stats else '')
+          + (', search heads ' + '/'.join(states.values()) if states else '') + f", {stats['time']:.1f} s", flush=True)
 
 def monitor_knn(run: TrainingRun, epoch: int) -> float:
     "Main process: the online kNN of the teacher backbone after `epoch` (-1: before training), logged as a 'monitor' record."
@@ -744,7 +756,7 @@ def train_one_epoch(run: TrainingRun, epoch: int, start_it: int = 0) -> dict:
             n += 1
             if run.main:
                 run.log.log(rec)
-                bar.set_postfix(loss=f'{lv:.3f}', H=f"{rec.get('teacher_entropy', float('nan')):.2f}",
+                bar.set_postfix(loss=f'{lv:.3f}', H=f"{rec.get('dino/raw_entropy', float('nan')):.2f}",
                                 knn='-' if run.last_knn is None else f'{run.last_knn:.1f}'); bar.update(1)
             if cfg.save_every_iters and (i + 1) % cfg.save_every_iters == 0 and i + 1 < niter:
                 if run.main: save_checkpoint(checkpoint_state(run, epoch, i + 1), run.ck_path)
@@ -888,3 +900,27 @@ def _cli_pretrain(args):
         print(json.dumps(asdict(cfg), indent=1, default=str)); return 0
     train(cfg)
     return 0
+
+# %% ../nbs/07_train.ipynb #56fbe1e0
+def term_gradient_norms(cfg, images, seed=0) -> dict:
+    """Norm of the gradient each loss term sends into each backbone stage, at initialisation, for one batch: every
+    search layer at weight 1 (the official setting) next to the DINO term and KoLeo (weight 1)."""
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    crops = _views(cfg, BatchMultiCrop)(images, torch.Generator().manual_seed(seed))['crops']
+    bb = model.student['backbone']
+    net = bb.net
+    stages = {'stem': list(net.conv1.parameters()) + list(net.bn1.parameters()),
+              **{l: list(getattr(net, l).parameters()) for l in ('layer1', 'layer2', 'layer3', 'layer4')}}
+    def grads(layer_w, koleo):
+        model.layer_weights, model.koleo_weight = layer_w, koleo
+        model.zero_grad(set_to_none=True); model(crops)['loss'].backward()
+        return {n: torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel()) for p in ps]) for n, ps in stages.items()}
+    off = {l: 0.0 for l in model.search_layers}
+    base = grads(off, 0.0)                                   # DINO alone
+    out = {'DINO': {n: float(g.norm()) for n, g in base.items()}}
+    g = grads(off, 1.0); out['KoLeo (w = 1)'] = {n: float((g[n] - base[n]).norm()) for n in base}
+    for l in model.search_layers:
+        g = grads({**off, l: 1.0}, 0.0); out[f'search, {l} (w = 1)'] = {n: float((g[n] - base[n]).norm()) for n in base}
+    return out
+

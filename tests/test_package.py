@@ -86,3 +86,23 @@ def test_cycle_check_can_fail(tmp_path):
     assert find_cycle(g) == ['a', 'b', 'c', 'a']
     (pkg / 'c.py').write_text('import torch\n')
     assert find_cycle(import_graph(pkg)) is None
+
+
+ROOT = PKG.parent
+
+def test_readme_results_are_generated_from_the_stored_runs():
+    "README's Results block is what `readme_results` renders from nbs/results/*.json today; a hand-edited number fails."
+    from scfs.experiments import readme_results
+    block = readme_results(ROOT / 'nbs' / 'results')
+    readme = (ROOT / 'README.md').read_text()
+    assert '| run |' in block and '| recipe |' in block
+    assert block.strip() in readme, 'README.md Results disagree with nbs/results/*.json: re-execute nbs/index.ipynb, run .ci/readme.py'
+    # the check can fail: one changed digit in a stored number is seen
+    import json, shutil
+    tmp = ROOT / 'nbs' / 'results'
+    d = json.loads((tmp / 'main_job.json').read_text())
+    d['runs'][0]['knn'] = d['runs'][0]['knn'] + 1.0
+    alt = pathlib.Path(__import__('tempfile').mkdtemp())
+    for f in tmp.glob('*.json'): shutil.copy(f, alt / f.name)
+    (alt / 'main_job.json').write_text(json.dumps(d))
+    assert readme_results(alt).strip() not in readme

@@ -93,11 +93,22 @@ def test_online_monitor_logs_knn_and_collapse_state(tmp_path, scenes, capsys):
     assert [m['step'] for m in mons] == [-1, 5, 11]            # 6 iterations per epoch; -1: before the first step
     eps = read_metrics(r['run_dir'], 'epoch')
     assert [e['knn'] for e in eps] == [m['knn'] for m in mons[1:]]
-    assert all(0 <= e['teacher_entropy'] <= math.log(128) + 1e-4 for e in eps)
     steps = read_metrics(r['run_dir'])
-    assert all({'teacher_entropy', 'teacher_kl_uniform', 'teacher_student_kl'} <= set(s) for s in steps)
+    diag = {f'{h}/{k}' for h in ('dino', 'layer2', 'layer3', 'layer4') for k in ('raw_entropy', 'mi', 'emb_std')}
+    assert all(diag | {'teacher_entropy', 'teacher_kl_uniform', 'teacher_student_kl'} <= set(s) for s in steps)
+    # each epoch line holds the epoch mean of its steps' diagnostics and the state of every head recomputed from them
+    from scfs.train import collapse_states
+    cfg_m = _run_cfg(tmp_path, scenes, 'm')
+    for e in eps:
+        mine = [s for s in steps if s['epoch'] == e['epoch']]
+        assert e['dino/mi'] == pytest.approx(sum(s['dino/mi'] for s in mine) / len(mine))
+        want = collapse_states(e, cfg_m)
+        assert e['state'] == want['dino'] and all(e[f'{l}/state'] == want[l] for l in ('layer2', 'layer3', 'layer4'))
     out = capsys.readouterr().out
-    assert 'kNN' in out and 'teacher entropy' in out and f"of ln K = {math.log(128):.2f}" in out
+    last = eps[-1]
+    assert (f"teacher raw entropy {last['dino/raw_entropy']:.2f} of ln K = {math.log(128):.2f} ({last['state']})" in out
+            and 'search heads ' + '/'.join(last[f'{l}/state'] for l in ('layer2', 'layer3', 'layer4')) in out)
+    assert 'kNN' in out
     # the monitor's queries are the val split: the first reading is the untrained teacher on val (a fresh model with
     # the same seed gives the same number), the last one the final teacher's
     from scfs.train import KnnMonitor, build_model

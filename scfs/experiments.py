@@ -11,10 +11,12 @@ import torch
 
 # %% auto #0
 __all__ = ['MAIN', 'ABLATIONS', 'ABLATION_AXES', 'SWEEP_LEVELS', 'SWEEP', 'METRICS', 'RECIPES', 'BENCHMARKS', 'BENCH_SCENES',
-           'MAIN_JOB', 'README_RECIPES', 'RESULTS', 'STUDY_EPOCHS', 'attach_step_curves', 'attention_scores',
-           'evaluate_run', 'run_one', 'load_results', 'save_results', 'run_study', 'summarise', 'paired_difference',
-           'write_csv', 'verdict', 'ci95', 'run_recipe', 'recipe_rows', 'recipe_markdown', 'record_run',
-           'main_job_markdown', 'readme_results', 'study_plan', 'run_plan', 'merge_shards', 'evaluate_random']
+           'MAIN_JOB', 'README_RECIPES', 'RESULTS', 'STUDY_EPOCHS', 'CROP_SWEEP', 'CROP_SWEEP_RESULTS',
+           'attach_step_curves', 'attention_scores', 'evaluate_run', 'run_one', 'load_results', 'save_results',
+           'run_study', 'summarise', 'paired_difference', 'write_csv', 'verdict', 'ci95', 'run_recipe', 'recipe_rows',
+           'recipe_markdown', 'record_run', 'main_job_markdown', 'readme_results', 'study_plan', 'run_plan',
+           'merge_shards', 'evaluate_random', 'background_share', 'crop_sweep_jobs', 'run_crop_sweep',
+           'crop_sweep_rows', 'crop_sweep_markdown', 'crop_sweep_verdict']
 
 # %% ../nbs/12_experiments.ipynb #cef06d3f
 def _w(n):
@@ -264,10 +266,12 @@ def _locked_update(path, fn):
 
 # %% ../nbs/12_experiments.ipynb #194960c3
 def run_recipe(name: str, overrides: dict, seed: int, bench: str = 'shapes', *, path=RECIPES, out_root='runs/recipes',
-               threads: int = 1, keep: bool = False, log=print) -> dict:
+               threads: int = 1, keep: bool = False, test: bool = False, auroc: int = 0, log=print) -> dict:
     """Train the `tiny` preset with `overrides` on benchmark `bench` (generated on first use) with `seed`, then store
-    the kNN of its teacher and of a random-init backbone on the **val** split (never test), the minutes and the
-    monitor curve in `path`. A (name, bench, seed) already stored is skipped: the runner is resumable."""
+    the kNN of its teacher and of a random-init backbone on the **val** split, the minutes and the monitor curve in
+    `path`; `test=True` (final tables only, never tuning) also stores both on test. A (name, bench, seed) already
+    stored is skipped: the runner is resumable. `auroc=n`: also the on-object AUROC per layer of the teacher's search
+    maps on `n` val scenes (`scfs.maps.object_auroc`, views at the run's sizes), before the run folder goes."""
     from scfs.train import get_config, train, read_metrics
     from scfs.evaluate import knn_checkpoint
     key = (name, bench, seed)
@@ -284,16 +288,29 @@ def run_recipe(name: str, overrides: dict, seed: int, bench: str = 'shapes', *, 
     val = knn_checkpoint(run_dir / 'checkpoint_last.pth', data / 'train', data / 'val', **ev)['acc']
     rnd = knn_checkpoint(None, data / 'train', data / 'val', backbone=cfg.backbone, backbone_kw=cfg.backbone_kw,
                          seed=seed, **ev)['acc']
+    if test:
+        tst = knn_checkpoint(run_dir / 'checkpoint_last.pth', data / 'train', data / 'test', **ev)['acc']
+        rnd_t = knn_checkpoint(None, data / 'train', data / 'test', backbone=cfg.backbone, backbone_kw=cfg.backbone_kw,
+                               seed=seed, **ev)['acc']
     mon = [(m['step'], m['knn']) for m in read_metrics(run_dir, 'monitor')]
     eps = read_metrics(run_dir, 'epoch')
     r = dict(name=name, bench=bench, seed=seed, overrides=overrides, method=cfg.method, val_knn=val, random_val_knn=rnd,
              gain=val - rnd, minutes=minutes, steps=len(read_metrics(run_dir, 'step')), monitor=mon,
              state=eps[-1].get('state') if eps else None, date=time.strftime('%Y-%m-%d'), threads=threads)
+    if test: r.update(test_knn=tst, random_test_knn=rnd_t)
+    if auroc:
+        from scfs.maps import object_auroc
+        from scfs.evaluate import load_backbone
+        s = object_auroc(load_backbone(run_dir / 'checkpoint_last.pth')[0], data, split='val', n_images=auroc,
+                         global_size=cfg.global_size, local_size=cfg.local_size, n_boot=1000)['summary']
+        r['auroc'] = {l: {k: v[k] for k in ('on', 'off', 'ci_on', 'ci_off', 'n_on', 'n_off')} for l, v in s.items()}
     _locked_update(path, lambda d: d['runs'].append(r))
     if not keep: shutil.rmtree(run_dir, ignore_errors=True)
     log(f"{name} [{bench}] seed {seed}: val kNN {val:.1f} (random init {rnd:.1f}, gain {val - rnd:+.1f}) in {minutes:.1f} min")
     return r
 
+
+# %% ../nbs/12_experiments.ipynb #c7a1e0b2
 def recipe_rows(results, names=None) -> list[dict]:
     "One row per (recipe, benchmark): seeds, mean val kNN, mean gain over random init with its 95 % interval, minutes."
     groups = {}
@@ -357,7 +374,9 @@ def main_job_markdown(path=MAIN_JOB) -> str:
                     f"{r['val_knn']:.1f} | {int(wall // 60)} min {int(wall % 60):02d} s | {r['date']}, {r['machine']} |")
     return '\n'.join(rows)
 
-README_RECIPES = ('tiny',)   # the recipe rows the README shows (07_train shows them all)
+
+# %% ../nbs/12_experiments.ipynb #e1f2a3b4
+README_RECIPES = ('tiny', 'tiny-dino')   # the recipe rows the README shows (07_train shows them all)
 
 def readme_results(results_dir='nbs/results') -> str:
     "The generated part of the README's Results: every number in it comes from the JSON files in `results_dir`."
@@ -367,6 +386,13 @@ def readme_results(results_dir='nbs/results') -> str:
              '**The preset on two benchmarks**, read on val (gain = val kNN − random-init val kNN, mean ± 95 % t-interval '
              'over seeds; from `nbs/results/recipes.json`):', '',
              recipe_markdown(recipe_rows(load_results(d / 'recipes.json'), names=list(README_RECIPES)))]
+    sweep = load_results(d / 'crop_sweep.json')
+    if sweep:
+        rows = crop_sweep_rows(sweep, {l: background_share(sc, n=500) for l, sc in CROP_SWEEP.items()})
+        parts += ['', '**SCFS vs DINO as local crops miss the object more often** (shapes, `tiny` preset with only '
+                  '`local_scale` changed, 25 epochs, kNN on test, mean ± 95 % t-interval over seeds; from '
+                  '`nbs/results/crop_sweep.json`):', '', crop_sweep_markdown(rows), '', '```',
+                  crop_sweep_verdict(rows), '```']
     return '\n'.join(parts)
 
 
@@ -460,3 +486,79 @@ def evaluate_random(scenes, size, seeds=(0,), backbone='small', backbone_kw=None
         tef, tel = extract_features(bb, Path(scenes) / 'test', size)
         out.append(dict(knn=float(knn_classify(trf, trl, tef, tel, k=20, T=0.07)), linear=float(linear_probe(trf, trl, tef, tel))))
     return {m: _mstd([o[m] for o in out]) for m in ('knn', 'linear')}
+
+# %% ../nbs/12_experiments.ipynb #93a4adc3
+CROP_SWEEP = {'ls0.1': (0.1, 0.4), 'ls0.03': (0.03, 0.12), 'ls0.008': (0.008, 0.03)}   # level -> local_scale (tiny: 0.1-0.4)
+CROP_SWEEP_RESULTS = 'nbs/results/crop_sweep.json'
+
+def background_share(scale, clutter='low', n: int = 300, size: int = 64, seed: int = 0, thresh: float = 0.1) -> float:
+    """Share of local crops drawn at area `scale` (as `RandomResizedCrop`) of which less than `thresh` of the area is
+    the object's box, over `n` generated scenes of `clutter` (8 crops each)."""
+    import numpy as np
+    from scfs.augment import random_resized_boxes, object_fraction
+    from scfs.data import make_scene, scene_style
+    st = scene_style(clutter)
+    obj = torch.tensor([make_scene(np.random.default_rng([seed, 0, i]), size, label=i % 10, **st)[2] for i in range(n)],
+                       dtype=torch.float32)
+    crops = random_resized_boxes(n * 8, size, size, scale, generator=torch.Generator().manual_seed(seed)).view(n, 8, 4)
+    covered = torch.stack([object_fraction(c, b) for c, b in zip(crops, obj)])            # share of the box in each crop
+    box_area = ((obj[:, 2] - obj[:, 0]) * (obj[:, 3] - obj[:, 1]))[:, None]
+    crop_area = (crops[..., 2] - crops[..., 0]) * (crops[..., 3] - crops[..., 1])
+    return (covered * box_area / crop_area < thresh).float().mean().item()
+
+def crop_sweep_jobs(seeds=(0, 1)) -> list:
+    "(name, overrides, seed) of the sweep, seed-major with DINO and SCFS side by side: a sweep cut short has pairs."
+    return [(f'{m}@{lvl}', dict(method=m, local_scale=sc), s) for s in seeds for lvl, sc in CROP_SWEEP.items()
+            for m in ('dino', 'scfs')]
+
+def run_crop_sweep(seeds=(0, 1), shard=(0, 1), path=CROP_SWEEP_RESULTS, **kw):
+    "Run (resumable) every `shard[1]`-th sweep job from the `shard[0]`-th on the shapes: kNN on val and test, AUROC."
+    for i, (n, ov, s) in enumerate(crop_sweep_jobs(seeds)):
+        if i % shard[1] == shard[0]: run_recipe(n, ov, s, 'shapes', path=path, test=True, auroc=64, **kw)
+
+# %% ../nbs/12_experiments.ipynb #95405691
+def crop_sweep_rows(results, shares: dict | None = None) -> list[dict]:
+    """Per level: seeds, test-kNN gain over random init of DINO and SCFS (mean, 95 % half-width) and the paired
+    SCFS − DINO test kNN over the seeds both have (mean, half-width); `shares`: level -> background share; `auroc`:
+    per method the mean over runs of the on-object AUROC of on-object crops per layer (runs that stored one)."""
+    by = {(r['name'], r['seed']): r for r in results if 'test_knn' in r}
+    rows = []
+    for lvl in CROP_SWEEP:
+        g = {m: ci95([r['test_knn'] - r['random_test_knn'] for (n, _), r in by.items() if n == f'{m}@{lvl}'])
+             for m in ('dino', 'scfs')}
+        seeds = sorted(s for (n, s) in by if n == f'dino@{lvl}' and (f'scfs@{lvl}', s) in by)
+        d = ci95([by[(f'scfs@{lvl}', s)]['test_knn'] - by[(f'dino@{lvl}', s)]['test_knn'] for s in seeds])
+        au = {m: [r['auroc'] for (n, _), r in by.items() if n == f'{m}@{lvl}' and r.get('auroc')] for m in ('dino', 'scfs')}
+        au = {m: {l: statistics.fmean(a[l]['on'] for a in v) for l in v[0]} if v else None for m, v in au.items()}
+        rows.append(dict(level=lvl, scale=CROP_SWEEP[lvl], share=(shares or {}).get(lvl), pairs=len(seeds),
+                         dino=g['dino'], scfs=g['scfs'], diff=d, auroc=au))
+    return rows
+
+def crop_sweep_markdown(rows) -> str:
+    out = ['| local crop area | background crops | seed pairs | DINO gain (test) | SCFS gain (test) | SCFS − DINO (paired) '
+           '| AUROC on-object crops, L2/L3/L4: DINO | SCFS |', '|---|---|---|---|---|---|---|---|']
+    au = lambda a: '—' if not a else '/'.join(f'{v:.2f}' for v in a.values())
+    for r in rows:
+        sh = '—' if r['share'] is None else f"{100 * r['share']:.0f} %"
+        out.append(f"| {r['scale'][0]}-{r['scale'][1]} | {sh} | {r['pairs']} | {_pm(*r['dino'][:2])} | "
+                   f"{_pm(*r['scfs'][:2])} | {_pm(*r['diff'][:2])} | {au(r['auroc']['dino'])} | {au(r['auroc']['scfs'])} |")
+    return '\n'.join(out)
+
+# %% ../nbs/12_experiments.ipynb #b0a7c3d1
+def _share(r): return '—' if r['share'] is None else f"{100 * r['share']:.0f} %"
+
+def crop_sweep_verdict(rows, need: float = 10.0, width: float = 1.5) -> str:
+    """One line per level, computed from the intervals: do both methods clear random init by `need` points (lower end
+    of their interval), and is the paired SCFS − DINO interval above, below or across 0 (and within ±`width`)?"""
+    lines = []
+    for r in rows:
+        if not r['pairs']: lines.append(f"{r['level']}: no paired runs yet"); continue
+        learn = all(r[m][0] is not None and r[m][0] - (r[m][1] or 0) >= need for m in ('dino', 'scfs'))
+        m, h, n = r['diff']
+        side = ('cannot be told apart' if h is None or m - h <= 0 <= m + h else
+                'SCFS better' if m - h > 0 else 'DINO better')
+        lines.append(f"{r['level']} ({_share(r)} background crops): "
+                     f"both methods {'≥' if learn else 'NOT ≥'} random init + {need:g} (lower 95 % bound); SCFS − DINO "
+                     f"{_pm(m, h)} over {n} seed pairs: {side}" + ('' if h is not None and h <= width else
+                     f' (interval wider than ±{width:g}: more seeds needed)'))
+    return '\n'.join(lines)

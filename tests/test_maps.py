@@ -225,7 +225,7 @@ def test_object_auroc_informative_map(scenes, monkeypatch, sign, expect):
     _spy_maps(monkeypatch, sign)
     r = object_auroc(None, scenes, n_images=6, n_local=4, global_size=64, local_size=32, n_boot=100)
     assert r['rows'] and all(x['auroc'] == expect for x in r['rows'])
-    assert {x['kind'] for x in r['rows']} == {'on', 'off'} or all(x['kind'] == 'on' for x in r['rows'])
+    assert any(x['kind'] == 'on' for x in r['rows'])          # crops that hold the object were scored
     for s in r['summary'].values():
         assert s['on'] == expect and s['ci_on'] == (expect, expect)
 

@@ -12,8 +12,8 @@ from torch import nn
 
 # %% auto #0
 __all__ = ['OFFICIAL_SEARCH_SHAPES', 'TARGETS', 'GPU_ONLY', 'time_fn', 'time_interleaved', 'pair_ratios', 'bench_settings',
-           'bench_search', 'make_train_step', 'make_bare_step', 'bench_steps', 'bench_loader', 'run_bench',
-           'format_bench', 'add_cli', 'overhead_breakdown']
+           'bench_search', 'bench_config', 'make_train_step', 'make_bare_step', 'bench_steps', 'bench_loader',
+           'run_bench', 'format_bench', 'add_cli', 'overhead_breakdown']
 
 # %% ../nbs/13_bench.ipynb #811ed7ef
 def _sync(device):
@@ -68,11 +68,11 @@ def bench_settings(device='cpu', quick=False) -> dict:
     cuda = torch.device(device).type == 'cuda'
     if cuda and not quick:
         return dict(search_batch=32, n_local=8, backbone='resnet50', global_size=224, local_size=96, batch=64,
-                    out_dim=65536, head_hidden=2048, layer_out_dim=256, amp=True, channels_last=True, repeats=10, warmup=3,
+                    out_dim=65536, head_hidden=2048, head_bottleneck=256, layer_out_dim=256, amp=True, channels_last=True, repeats=10, warmup=3,
                     loader_images=1024, loader_batch=64, workers=min(16, os.cpu_count() or 1))
     if cuda:
         return dict(search_batch=8, n_local=8, backbone='resnet18', global_size=224, local_size=96, batch=16,
-                    out_dim=4096, head_hidden=512, layer_out_dim=256, amp=True, channels_last=True, repeats=5, warmup=2,
+                    out_dim=4096, head_hidden=512, head_bottleneck=256, layer_out_dim=256, amp=True, channels_last=True, repeats=5, warmup=2,
                     loader_images=128, loader_batch=16, workers=min(4, os.cpu_count() or 1))
     tiny = dict(_tiny_preset(), n_local=8, amp=False, channels_last=False)
     if quick:
@@ -134,15 +134,22 @@ def _batch(s, device, seed=0):
     mf = torch.channels_last if s['channels_last'] else torch.contiguous_format
     return [c.to(device).contiguous(memory_format=mf) for c in batch['crops']]
 
+def bench_config(method: str, s: dict):
+    """The `Config` the benchmark trains: the `tiny` preset (what `scfs pretrain` trains) with the model sizes of the
+    settings `s`. On CPU these are the preset's own, so the bench times exactly the trained model; on a GPU the
+    same recipe at ResNet-50 size."""
+    from scfs.train import get_config
+    ov = dict(method=method, backbone=s['backbone'], backbone_kw=s.get('backbone_kw') or {}, global_size=s['global_size'],
+              local_size=s['local_size'], n_local=s.get('n_local_step', s['n_local']), out_dim=s['out_dim'],
+              head_hidden=s['head_hidden'], layer_out_dim=s['layer_out_dim'])
+    if 'head_bottleneck' in s: ov['head_bottleneck'] = s['head_bottleneck']
+    return get_config('tiny', **ov)
+
 def _model(method, s, device):
-    from scfs.model import SCFS
+    "The model of `bench_config`, built by the trainer's own `build_model` (one path from settings to model)."
+    from scfs.train import build_model
     torch.manual_seed(0)
-    from scfs.backbone import build_backbone
-    bb = build_backbone(s['backbone'], **s.get('backbone_kw', {}))
-    m = SCFS(backbone=bb, method=method, n_local=s.get('n_local_step', s['n_local']), out_dim=s['out_dim'],
-             head_hidden=s['head_hidden'], head_bottleneck=s.get('head_bottleneck', 256), layer_out_dim=s['layer_out_dim'],
-             epochs=10)
-    m = m.to(device)
+    m = build_model(bench_config(method, s)).to(device)
     if s['channels_last']: m = m.to(memory_format=torch.channels_last)
     return m
 

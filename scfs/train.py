@@ -22,9 +22,9 @@ from .evaluate import resolve_device, knn_checkpoint, extract_features, knn_clas
 from .losses import collapse_state
 
 # %% auto #0
-__all__ = ['PRESETS', 'Config', 'get_config', 'config_from_dict', 'validate_config', 'make_schedules', 'ResumableSampler',
-           'SeededDataset', 'batch_seed', 'MemoryLoader', 'save_checkpoint', 'rng_state', 'set_rng_state',
-           'load_checkpoint', 'build_model', 'param_groups', 'build_optimizer', 'clip_gradients',
+__all__ = ['PRESETS', 'LAYERS', 'Config', 'get_config', 'config_diff', 'config_from_dict', 'validate_config', 'make_schedules',
+           'ResumableSampler', 'SeededDataset', 'batch_seed', 'MemoryLoader', 'save_checkpoint', 'rng_state',
+           'set_rng_state', 'load_checkpoint', 'build_model', 'param_groups', 'build_optimizer', 'clip_gradients',
            'cancel_last_layer_grads', 'MetricsLog', 'read_metrics', 'plot_loss_curve', 'KnnMonitor', 'dist_env',
            'is_dist', 'get_rank', 'get_world_size', 'is_main', 'barrier', 'init_distributed', 'cleanup_distributed',
            'all_reduce_mean', 'build_loader', 'TrainingRun', 'setup_run', 'checkpoint_state', 'restore_state',
@@ -202,6 +202,12 @@ def get_config(preset: str = 'tiny', **overrides) -> Config:
     validate_config(cfg)
     return cfg
 
+def config_diff(cfg: Config) -> dict:
+    "The settings of `cfg` that differ from its preset (what a run's first line prints; config.json has them all)."
+    base, new = asdict(get_config(cfg.preset)), asdict(cfg)
+    same = lambda a, b: a == b or (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and tuple(a) == tuple(b))
+    return {k: v for k, v in new.items() if not same(v, base[k])}
+
 def config_from_dict(d: dict, **overrides) -> Config:
     "A `Config` from a saved dict (config.json / checkpoint), with overrides."
     _check_keys(list(d) + list(overrides))
@@ -229,6 +235,26 @@ def validate_config(cfg: Config):
     if cfg.centering not in ('ema', 'sinkhorn'): bad(f"centering must be 'ema' or 'sinkhorn', not {cfg.centering!r}")
     if cfg.loader not in ('memory', 'folder'): bad(f"loader must be 'memory' or 'folder', not {cfg.loader!r}")
     if len(cfg.jitter) != 4 or min(cfg.jitter) < 0: bad(f'jitter needs 4 non-negative strengths (brightness, contrast, saturation, hue), got {cfg.jitter}')
+    _validate_model(cfg, bad)
+
+LAYERS = ('layer1', 'layer2', 'layer3', 'layer4')   # the backbone stages a search may read (02_backbone)
+
+def _validate_model(cfg: Config, bad):
+    "What the model and the crops would reject later (after the run folder exists): caught here, as one line."
+    if cfg.n_local < 0: bad(f'n_local must be >= 0, got {cfg.n_local}')
+    for k in ('global_size', 'local_size', 'out_dim', 'head_hidden', 'head_bottleneck', 'layer_out_dim'):
+        if getattr(cfg, k) < 1: bad(f'{k} must be >= 1, got {getattr(cfg, k)}')
+    for k in ('global_scale', 'local_scale'):
+        lo, hi = (tuple(getattr(cfg, k)) + (None, None))[:2]
+        if len(getattr(cfg, k)) != 2 or not 0 < lo <= hi <= 1: bad(f'{k} must be (min, max) with 0 < min <= max <= 1, got {getattr(cfg, k)}')
+    unknown = [l for l in cfg.search_layers if l not in LAYERS]
+    if unknown or len(set(cfg.search_layers)) != len(cfg.search_layers):
+        bad(f'search_layers must be distinct names among {", ".join(LAYERS)}, got {", ".join(map(str, cfg.search_layers))}')
+    w = cfg.layer_weights
+    if isinstance(w, dict) and set(w) - set(cfg.search_layers):
+        bad(f'layer_weights names layers that are not searched: {", ".join(sorted(set(w) - set(cfg.search_layers)))}')
+    if w is not None and not isinstance(w, dict) and len(w) != len(cfg.search_layers):
+        bad(f'layer_weights has {len(w)} values for {len(cfg.search_layers)} search layers ({", ".join(cfg.search_layers)})')
 
 # %% ../nbs/07_train.ipynb #20ab41bd
 from .model import cosine_schedule  # DINO's per-iteration warm-up + cosine schedule, defined in 06_model
@@ -630,7 +656,8 @@ def setup_run(cfg: Config, device: torch.device, rank: int = 0, world: int = 1) 
     train_dir, knn_train, knn_val, val_dir = _resolve_data(cfg)
     if is_main():
         print(f'scfs pretrain: preset {cfg.preset!r}, method {cfg.method!r}, device {device}, {world} process(es), amp {amp}')
-        print('config:', json.dumps(asdict(cfg), default=str), flush=True)
+        print(f'settings that differ from the preset: {json.dumps(config_diff(cfg), default=str)} '
+              f'(all in {rd / "config.json"})', flush=True)
         (rd / 'config.json').write_text(json.dumps(asdict(cfg), indent=1, default=str))
 
     random.seed(cfg.seed); np.random.seed(cfg.seed); torch.manual_seed(cfg.seed)

@@ -79,3 +79,19 @@ def test_format_bench_marks_misses():
     s = bench.format_bench(r)
     assert 'scfs_over_dino_step' in s and s.count('MISSED') == 1 and s.count(' ok') == 4
     assert 'range 1.50-2.50 over 7 pairs' in s and 'search_speedup' in s and '(GPU)' in s
+
+
+@pytest.mark.parametrize('method', ['scfs', 'dino'])
+def test_bench_times_the_model_scfs_pretrain_trains(method):
+    "The benchmark's model is `build_model` of the tiny preset: same modules, parameters and loss terms (issue 14)."
+    from scfs.train import get_config, build_model
+    from scfs.augment import multicrop_collate
+    s = bench.bench_settings('cpu', quick=True)
+    b, t = bench._model(method, s, 'cpu'), build_model(get_config('tiny', method=method))
+    assert [(n, type(m).__name__) for n, m in b.named_modules()] == [(n, type(m).__name__) for n, m in t.named_modules()]
+    assert [(n, p.shape) for n, p in b.named_parameters()] == [(n, p.shape) for n, p in t.named_parameters()]
+    crops = bench._batch(dict(s, batch=4), 'cpu')
+    ob, ot = b(crops, epoch=1), t(crops, epoch=1)
+    assert sorted(ob) == sorted(ot)
+    cfg = get_config('tiny', method=method)
+    assert (b.losses['dino'].centering, b.koleo_weight, b.layer_weights) == (cfg.centering, cfg.koleo_weight, t.layer_weights)

@@ -22,8 +22,8 @@ def test_pretrain_then_knn_reproduces_and_export(tmp_path, scenes, capsys):
     run = tmp_path / 'run'
     assert main(['pretrain', '--data', str(scenes), '--out', str(run), '--quiet', '--seed', '1', *SMALL]) == 0
     out = capsys.readouterr().out
-    assert '"preset": "tiny"' in out                                      # resolved config printed at start
-    m = re.search(r'trained teacher ([\d.]+)% \| random-init backbone ([\d.]+)%', out)
+    assert "preset 'tiny'" in out and '"n_local": 2' in out and '"lr"' not in out    # only the changed settings printed
+    m = re.search(r'on \S*test \(k=20.*\): trained teacher ([\d.]+)% \| random-init backbone ([\d.]+)%', out)   # the test line
     assert m, out[-2000:]
     for f in ('config.json', 'metrics.jsonl', 'checkpoint_last.pth', 'loss_curve.png', 'results.json'):
         assert (run / f).exists(), f
@@ -90,7 +90,22 @@ def test_torchrun_two_processes_cpu_gloo(tmp_path, scenes):
     assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-3000:])
     steps = [json.loads(l) for l in (run / 'metrics.jsonl').read_text().splitlines()]
     assert [r['step'] for r in steps if r['type'] == 'step'] == list(range(8))   # 64 images / (2 x 8) = 4 steps x 2 epochs
-    assert p.stdout.count('trained teacher') == 1                                  # only rank 0 prints and evaluates
+    assert len(re.findall(r'kNN top-1 on \S*test ', p.stdout)) == 1                # only rank 0 prints and evaluates
+    assert p.stdout.count('trained teacher') == p.stdout.count('kNN top-1 on ') <= 2   # (val and test, once each)
     from scfs.train import load_checkpoint
     ck = load_checkpoint(run / 'checkpoint_last.pth')
     assert (ck['epoch'], ck['iteration'], ck['world_size']) == (2, 0, 2)
+
+
+@pytest.mark.parametrize('bad,msg', [
+    ('layer_weights=0.1,0.2', 'layer_weights'), ('search_layers=layer2,layer5', 'search_layers'),
+    ('local_size=0', 'local_size'), ('local_scale=0.5,0.2', 'local_scale'), ('n_local=-1', 'n_local'),
+    ('global_scale=0.2,1.5', 'global_scale'), ('out_dim=0', 'out_dim'),
+])
+def test_bad_settings_exit_2_before_anything_is_written(tmp_path, scenes, capsys, bad, msg):
+    "Settings that only the model or the loader would reject are caught by validate_config: one line, no run folder."
+    out = tmp_path / 'run'
+    assert main(['pretrain', '--data', str(scenes), '--out', str(out), *SMALL, bad]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith('scfs pretrain: error:') and msg in err and '\n' not in err, err
+    assert not out.exists()

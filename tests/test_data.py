@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from scfs import data as D
-from scfs.data import ScfsError, ImageDataset, generate_scenes, ensure_scenes, load_boxes, make_scene, SCENE_CLASSES
+from scfs.data import _SPLITS, ScfsError, ImageDataset, generate_scenes, ensure_scenes, load_boxes, make_scene, SCENE_CLASSES
 
 
 @pytest.mark.parametrize('val,expected', [('', False), ('0', False), ('false', False), ('1', True), ('true', True)])
@@ -52,17 +52,18 @@ def test_generate_scenes_layout_and_bytes(tmp_path):
     ta, tb = _tree(a), _tree(b)
     assert ta == tb                                   # same seed -> byte-identical, whatever the number of workers
     pngs = [k for k in ta if k.endswith('.png') and k != 'preview.png']
-    assert len(pngs) == 39 and {k.split('/')[0] for k in pngs} == {'train', 'test'}
+    assert len(pngs) == 52 and {k.split('/')[0] for k in pngs} == {'train', 'val', 'test'}   # n_val defaults to n_test
     assert all(k.split('/')[1] in SCENE_CLASSES and len(k.split('/')[2]) == len('00000.png') for k in pngs)
     boxes = load_boxes(a)
     assert set(boxes) == set(pngs)
     C = SCENE_CLASSES
-    for k in (f'train/{C[0]}/00000.png', f'train/{C[13 % len(C)]}/00013.png', f'test/{C[1]}/00001.png'):
+    for k in (f'train/{C[0]}/00000.png', f'train/{C[13 % len(C)]}/00013.png', f'test/{C[1]}/00001.png', f'val/{C[1]}/00001.png'):
         split, cls, name = k.split('/')
         i = int(name[:5])
-        img, lab, box = make_scene(np.random.default_rng([5, 0 if split == 'train' else 1, i]), 48, label=i % len(SCENE_CLASSES))
+        img, lab, box = make_scene(np.random.default_rng([5, _SPLITS[split], i]), 48, label=i % len(SCENE_CLASSES))
         assert boxes[k] == box and SCENE_CLASSES[lab] == cls
         assert np.array_equal(np.asarray(Image.open(a / k)), np.asarray(img))
+    assert ta[f'val/{C[1]}/00001.png'] != ta[f'test/{C[1]}/00001.png']    # val is not a copy of test
     meta = json.loads((a / 'meta.json').read_text())
     assert meta['n_train'] == 26 and meta['size'] == 48 and meta['seed'] == 5 and meta['complete'] is True
     assert Image.open(a / 'preview.png').size[0] > 48 * 12

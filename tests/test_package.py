@@ -50,6 +50,22 @@ def scfs_imports(path, package='scfs') -> set:
             elif node.level == 0 and node.module and node.module.split('.')[0] == package:
                 mod = node.module.split('.')
                 out |= {mod[1]} if len(mod) > 1 else {a.name for a in node.names}   # from scfs import train
+    return out | dynamic_imports(path, package)
+
+def dynamic_imports(path, package='scfs') -> set:
+    """Modules loaded with `importlib.import_module`: a literal 'scfs.x', or an f-string f'scfs.{name}' whose names
+    come from the module's constant lists of strings (as `cli.CLI_MODULES`); the caller keeps those that are modules."""
+    tree, out, dynamic = ast.parse(path.read_text()), set(), False
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, 'attr', getattr(node.func, 'id', None)) == 'import_module' and node.args:
+            a = node.args[0]
+            if isinstance(a, ast.Constant) and str(a.value).startswith(package + '.'): out.add(a.value.split('.')[1])
+            elif isinstance(a, ast.JoinedStr) and a.values and isinstance(a.values[0], ast.Constant) \
+                    and a.values[0].value == package + '.': dynamic = True
+    if dynamic:
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and isinstance(node.value, (ast.List, ast.Tuple)):
+                out |= {e.value for e in node.value.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)}
     return out
 
 def import_graph(pkg=PKG) -> dict:
@@ -86,6 +102,14 @@ def test_cycle_check_can_fail(tmp_path):
     assert find_cycle(g) == ['a', 'b', 'c', 'a']
     (pkg / 'c.py').write_text('import torch\n')
     assert find_cycle(import_graph(pkg)) is None
+    # a sub-command loader (as scfs.cli) that imports by name is seen too
+    (pkg / 'c.py').write_text("import importlib\nMODS = ['a', 'nope']\ndef load(n): return importlib.import_module(f'scfs.{n}')\n")
+    assert import_graph(pkg)['c'] == {'a'} and find_cycle(import_graph(pkg)) == ['a', 'b', 'c', 'a']
+    (pkg / 'c.py').write_text("import importlib\ndef load(): return importlib.import_module('scfs.d')\n")
+    assert import_graph(pkg)['c'] == {'d'}
+
+def test_cli_sub_command_modules_are_in_the_graph():
+    assert {'data', 'train', 'evaluate', 'maps', 'bench'} <= import_graph()['cli']
 
 
 ROOT = PKG.parent

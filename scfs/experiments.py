@@ -60,10 +60,9 @@ def _history_curve(history, key='loss'):
 
 def _step_curves(run_dir) -> dict | None:
     "Per-step loss terms ('loss', 'dino', 'layer4/local', ...) from the trainer's `run_dir/metrics.jsonl` (None if gone)."
-    p = Path(run_dir) / 'metrics.jsonl'
-    if not p.exists(): return None
-    recs = [json.loads(l) for l in p.read_text().splitlines() if l.strip()]
-    recs = [r for r in recs if r.get('type') == 'step']
+    from scfs.train import read_metrics                                 # the one reader of metrics.jsonl
+    if not (Path(run_dir) / 'metrics.jsonl').exists(): return None
+    recs = read_metrics(run_dir, 'step')
     keys = [k for k in dict.fromkeys(k for r in recs for k in r) if k == 'loss' or k == 'dino' or '/' in k or k.startswith('layer')]
     return {k: [r.get(k) for r in recs] for k in keys}
 

@@ -237,7 +237,7 @@ def validate_config(cfg: Config):
     if len(cfg.jitter) != 4 or min(cfg.jitter) < 0: bad(f'jitter needs 4 non-negative strengths (brightness, contrast, saturation, hue), got {cfg.jitter}')
     _validate_model(cfg, bad)
 
-LAYERS = ('layer1', 'layer2', 'layer3', 'layer4')   # the backbone stages a search may read (02_backbone)
+LAYERS = ('layer2', 'layer3', 'layer4')   # the backbone stages the model returns and a search may read (02_backbone)
 
 def _validate_model(cfg: Config, bad):
     "What the model and the crops would reject later (after the run folder exists): caught here, as one line."

@@ -98,7 +98,7 @@ def test_torchrun_two_processes_cpu_gloo(tmp_path, scenes):
 
 
 @pytest.mark.parametrize('bad,msg', [
-    ('layer_weights=0.1,0.2', 'layer_weights'), ('search_layers=layer2,layer5', 'search_layers'),
+    ('layer_weights=0.1,0.2', 'layer_weights'), ('search_layers=layer2,layer5', 'search_layers'), ('search_layers=layer1', 'search_layers'),
     ('local_size=0', 'local_size'), ('local_scale=0.5,0.2', 'local_scale'), ('n_local=-1', 'n_local'),
     ('global_scale=0.2,1.5', 'global_scale'), ('out_dim=0', 'out_dim'),
 ])

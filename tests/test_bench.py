@@ -85,7 +85,6 @@ def test_format_bench_marks_misses():
 def test_bench_times_the_model_scfs_pretrain_trains(method):
     "The benchmark's model is `build_model` of the tiny preset: same modules, parameters and loss terms (issue 14)."
     from scfs.train import get_config, build_model
-    from scfs.augment import multicrop_collate
     s = bench.bench_settings('cpu', quick=True)
     b, t = bench._model(method, s, 'cpu'), build_model(get_config('tiny', method=method))
     assert [(n, type(m).__name__) for n, m in b.named_modules()] == [(n, type(m).__name__) for n, m in t.named_modules()]

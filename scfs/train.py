@@ -245,8 +245,8 @@ def _validate_model(cfg: Config, bad):
     for k in ('global_size', 'local_size', 'out_dim', 'head_hidden', 'head_bottleneck', 'layer_out_dim'):
         if getattr(cfg, k) < 1: bad(f'{k} must be >= 1, got {getattr(cfg, k)}')
     for k in ('global_scale', 'local_scale'):
-        lo, hi = (tuple(getattr(cfg, k)) + (None, None))[:2]
-        if len(getattr(cfg, k)) != 2 or not 0 < lo <= hi <= 1: bad(f'{k} must be (min, max) with 0 < min <= max <= 1, got {getattr(cfg, k)}')
+        v = tuple(getattr(cfg, k))
+        if len(v) != 2 or not 0 < v[0] <= v[1] <= 1: bad(f'{k} must be (min, max) with 0 < min <= max <= 1, got {v}')
     unknown = [l for l in cfg.search_layers if l not in LAYERS]
     if unknown or len(set(cfg.search_layers)) != len(cfg.search_layers):
         bad(f'search_layers must be distinct names among {", ".join(LAYERS)}, got {", ".join(map(str, cfg.search_layers))}')

@@ -10,7 +10,7 @@ import torchvision
 from torchvision.models.resnet import BasicBlock, conv1x1
 
 # %% auto #0
-__all__ = ['SmallResNet', 'MultiLayerBackbone', 'build_backbone', 'backbone_state_dict_for_export']
+__all__ = ['LAYERS', 'SmallResNet', 'MultiLayerBackbone', 'build_backbone', 'backbone_state_dict_for_export']
 
 # %% ../nbs/02_backbone.ipynb #33420d21
 class SmallResNet(nn.Module):
@@ -53,6 +53,8 @@ class SmallResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 # %% ../nbs/02_backbone.ipynb #89ed4b6c
+LAYERS = ('layer2', 'layer3', 'layer4')   # the stages SCFS searches: the wrapper returns them, settings and maps name them
+
 def _out_channels(stage: nn.Module) -> int:
     "Output channels of a ResNet stage, read from its last conv (the block output; a downsample conv has the same width)."
     convs = [m for m in stage.modules() if isinstance(m, nn.Conv2d)]
@@ -62,7 +64,7 @@ def _out_channels(stage: nn.Module) -> int:
 # %% ../nbs/02_backbone.ipynb #31044e13
 class MultiLayerBackbone(nn.Module):
     "Wrap a torchvision-style ResNet: `forward(x)` -> dict(layer2, layer3, layer4 maps and `pooled` (B, C4))."
-    def __init__(self, net: nn.Module, layers=('layer2', 'layer3', 'layer4'), arch: str | None = None,
+    def __init__(self, net: nn.Module, layers=LAYERS, arch: str | None = None,
                  arch_kwargs: dict | None = None):
         super().__init__()
         for a in ('conv1', 'bn1', 'relu', 'maxpool', 'layer1', 'layer2', 'layer3', 'layer4'):

@@ -13,9 +13,9 @@ from torch.utils.data import Dataset
 
 # %% auto #0
 __all__ = ['SCENE_CLASSES', 'CLASS_FILLS', 'CLUTTER', 'DEFAULT_SCENES', 'DEFAULT_DIGITS', 'DEFAULT_CLUTTER', 'SCENE_KINDS',
-           'IMG_EXTENSIONS', 'DIGIT_CLASSES', 'DIGIT_CLUTTER', 'quick_mode', 'ScfsError', 'make_scene', 'scene_style',
-           'generate_scenes', 'ensure_scenes', 'load_boxes', 'to_rgb', 'ImageDataset', 'square_image', 'load_images',
-           'sample_photos', 'load_photo', 'make_digit_scene', 'add_cli']
+           'IMG_EXTENSIONS', 'DIGIT_CLASSES', 'DIGIT_CLUTTER', 'quick_mode', 'ScfsError', 'atomic_write', 'make_scene',
+           'scene_style', 'generate_scenes', 'ensure_scenes', 'load_boxes', 'to_rgb', 'ImageDataset', 'square_image',
+           'load_images', 'sample_photos', 'load_photo', 'make_digit_scene', 'add_cli']
 
 # %% ../nbs/00_data.ipynb #d9974089
 def quick_mode() -> bool:
@@ -24,6 +24,22 @@ def quick_mode() -> bool:
 
 class ScfsError(Exception):
     "A user-facing error: the CLI prints `scfs <cmd>: error: <msg>` and exits with code 2 (no traceback)."
+
+# %% ../nbs/00_data.ipynb #8ecc719a
+def atomic_write(path, data) -> Path:
+    "Write `path` all at once or not at all: `data` (str, bytes, or `fn(f)` filling a binary file) goes to a temporary file beside it, fsync, `os.replace`."
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+    try:
+        with open(tmp, 'wb') as f:
+            if callable(data): data(f)
+            else: f.write(data.encode() if isinstance(data, str) else data)
+            f.flush(); os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists(): tmp.unlink()
+    return path
+
 
 # %% ../nbs/00_data.ipynb #1a8d8cf6
 SCENE_CLASSES = ['circle', 'square', 'triangle', 'star', 'cross', 'ring', 'crescent', 'heart', 'arrow', 'tee']

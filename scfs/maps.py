@@ -15,14 +15,15 @@ from .augment import IMAGENET_MEAN, IMAGENET_STD, MultiCrop, denormalize as _den
 from .data import ScfsError, make_scene, sample_photos, quick_mode
 
 # %% auto #0
-__all__ = ['LAYERS', 'source_to_view', 'view_to_source', 'clip_box', 'box_area', 'box_intersection', 'normalize_image',
-           'denormalize', 'backbone_maps', 'search_maps', 'best_location', 'box_fraction_map', 'attention_on_object',
-           'sample_views', 'overlay_map', 'plot_search_maps', 'plot_comparison', 'find_boxes_json', 'load_image',
-           'crop_kind', 'scene_split', 'summarize_scores', 'object_scores', 'format_scores', 'map_auroc', 'box_mask',
-           'bootstrap_ci', 'summarize_auroc', 'object_auroc', 'format_auroc', 'plot_auroc', 'maps_figure', 'add_cli']
+__all__ = ['source_to_view', 'view_to_source', 'clip_box', 'box_area', 'box_intersection', 'normalize_image', 'as_image',
+           'backbone_maps', 'search_maps', 'best_location', 'box_fraction_map', 'attention_on_object', 'sample_views',
+           'overlay_map', 'plot_search_maps', 'plot_comparison', 'find_boxes_json', 'load_image', 'crop_kind',
+           'scene_split', 'summarize_scores', 'object_scores', 'format_scores', 'map_auroc', 'box_mask', 'bootstrap_ci',
+           'summarize_auroc', 'object_auroc', 'format_auroc', 'plot_auroc', 'maps_figure', 'add_cli']
 
 # %% ../nbs/10_maps.ipynb #8f7d25a1
-LAYERS = ('layer2', 'layer3', 'layer4')
+from .backbone import LAYERS   # ('layer2', 'layer3', 'layer4'): the searched stages, named once in 02_backbone
+
 
 # %% ../nbs/10_maps.ipynb #c2b8b05d
 def source_to_view(box, view_box, flip: bool, size: int) -> tuple:
@@ -61,7 +62,7 @@ def normalize_image(img: Image.Image, size: int) -> torch.Tensor:
     t = torch.from_numpy(a).permute(2, 0, 1)
     return (t - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
 
-def denormalize(t: torch.Tensor) -> np.ndarray:
+def as_image(t: torch.Tensor) -> np.ndarray:
     "(3,H,W) normalised tensor -> (H,W,3) float array in [0,1] for `imshow` (`scfs.augment.denormalize`, channels last)."
     return _denormalize(t.detach().cpu().float()).permute(1, 2, 0).numpy()
 
@@ -144,7 +145,7 @@ def overlay_map(ax, view: torch.Tensor, m: torch.Tensor, title: str = '', alpha:
     S = view.shape[-1]
     up = F.interpolate(m[None, None].float(), size=(S, S), mode='bilinear', align_corners=False)[0, 0]
     lo, hi = float(up.min()), float(up.max())
-    ax.imshow(denormalize(view), extent=(0, S, S, 0))
+    ax.imshow(as_image(view), extent=(0, S, S, 0))
     ax.imshow(((up - lo) / (hi - lo + 1e-8)).numpy(), cmap=cmap, alpha=alpha, extent=(0, S, S, 0), vmin=0, vmax=1)
     ax.set_xlim(0, S); ax.set_ylim(S, 0); ax.set_xticks([]); ax.set_yticks([])
     if title: ax.set_title(title, fontsize=8)
@@ -166,7 +167,7 @@ def plot_search_maps(backbone, views: dict, layers=LAYERS, title: str = '', maps
     img = views['image']
     axs[0, 0].imshow(img); axs[0, 0].set_title('source', fontsize=8)
     _rect(axs[0, 0], views['boxes'][0].tolist(), 'white', lw=2)
-    axs[0, 1].imshow(denormalize(views['globals'][0])); axs[0, 1].set_title('global view', fontsize=8)
+    axs[0, 1].imshow(as_image(views['globals'][0])); axs[0, 1].set_title('global view', fontsize=8)
     if object_box is not None:
         _rect(axs[0, 0], object_box, 'yellow', ls=':', lw=2)
         ob = clip_box(source_to_view(object_box, views['boxes'][0].tolist(), bool(views['flips'][0]), views['global_size']),
@@ -177,7 +178,7 @@ def plot_search_maps(backbone, views: dict, layers=LAYERS, title: str = '', maps
         _rect(axs[0, 0], views['boxes'][2 + k].tolist(), c)
         b = _crop_in_view(views, k)
         if b is not None: _rect(axs[0, 1], b, c)
-        axs[k + 1, 0].imshow(denormalize(views['locals'][k])); axs[k + 1, 0].set_title(f'crop {k}', fontsize=8, color=c)
+        axs[k + 1, 0].imshow(as_image(views['locals'][k])); axs[k + 1, 0].set_title(f'crop {k}', fontsize=8, color=c)
         for j, l in enumerate(layers):
             ax = axs[k + 1, j + 1]; ax.axis('on')
             overlay_map(ax, views['globals'][0], maps[l][k], title=l if k == 0 else '')
@@ -196,7 +197,7 @@ def plot_comparison(backbones: dict, views: dict, layers=LAYERS, dpi: int = 70, 
     fig, axs = plt.subplots(K, nc, figsize=(1.45 * nc, 1.55 * K + 0.4), dpi=dpi, squeeze=False)
     for k in range(K):
         c = _COLORS[k % len(_COLORS)]
-        axs[k, 0].imshow(denormalize(views['locals'][k])); axs[k, 0].axis('off')
+        axs[k, 0].imshow(as_image(views['locals'][k])); axs[k, 0].axis('off')
         axs[k, 0].set_title(f'crop {k}', fontsize=8, color=c)
         b = _crop_in_view(views, k)
         for i, name in enumerate(backbones):

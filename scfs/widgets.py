@@ -14,7 +14,7 @@ import ipywidgets as W
 from ipyevents import Event
 from .search import search_features
 from .data import ScfsError, make_scene, sample_photos
-from .maps import (LAYERS, normalize_image, denormalize, backbone_maps, best_location, source_to_view,
+from .maps import (LAYERS, normalize_image, as_image, backbone_maps, best_location, source_to_view,
                        view_to_source, clip_box, overlay_map, _rect)
 
 # %% auto #0
@@ -269,10 +269,10 @@ class RegionMatch:
         axs = fig.subplots(1, n)
         for a in axs: a.set_xticks([]); a.set_yticks([])
         S = self.view_size
-        axs[0].imshow(denormalize(self.view_a), extent=(0, S, S, 0)); axs[0].set_title('view A + query', fontsize=9)
+        axs[0].imshow(as_image(self.view_a), extent=(0, S, S, 0)); axs[0].set_title('view A + query', fontsize=9)
         _rect(axs[0], self.box, 'red', lw=2)
-        axs[1].imshow(denormalize(self.query)); axs[1].set_title('query region', fontsize=9)
-        axs[2].imshow(denormalize(self.view_b), extent=(0, S, S, 0)); axs[2].set_title('view B', fontsize=9)
+        axs[1].imshow(as_image(self.query)); axs[1].set_title('query region', fontsize=9)
+        axs[2].imshow(as_image(self.view_b), extent=(0, S, S, 0)); axs[2].set_title('view B', fontsize=9)
         qb = self.query_in_b()
         for j, l in enumerate(self.layers):
             ax = axs[3 + j]

@@ -14,33 +14,28 @@ import ipywidgets as W
 from ipyevents import Event
 from .search import search_features
 from .data import ScfsError, make_scene, sample_photos
-from .maps import (LAYERS, normalize_image, as_image, backbone_maps, best_location, source_to_view,
-                       view_to_source, clip_box, overlay_map, _rect)
+from .augment import random_resized_boxes
+from .backbone import LAYERS, build_backbone
+from .maps import (normalize_image, as_image, backbone_maps, best_location, source_to_view, view_to_source,
+                       clip_box, load_image, overlay_map, _rect)
 
 # %% auto #0
-__all__ = ['random_view', 'crop_region', 'region_search', 'RegionMatch']
+__all__ = ['cut_view', 'random_view', 'crop_region', 'region_search', 'QueryBox', 'RegionQuery', 'render_region_match',
+           'RegionMatch']
 
 # %% ../nbs/11_widgets.ipynb #be8e28f0
+def cut_view(img: Image.Image, box, flip: bool, size: int) -> torch.Tensor:
+    "Cut `box` (x0,y0,x1,y1; source px, fractional allowed) out of `img`, resize (bicubic), flip, normalise -> (3,size,size)."
+    crop = img.convert('RGB').resize((size, size), Image.BICUBIC, box=tuple(float(v) for v in box))
+    return normalize_image(crop.transpose(Image.FLIP_LEFT_RIGHT) if flip else crop, size)
+
 def random_view(img: Image.Image, size: int, scale=(0.4, 1.0), gen: torch.Generator | None = None):
-    "Random resized crop + flip of `img` -> (normalised (3,size,size) tensor, box (x0,y0,x1,y1) in source px, flipped)."
-    Wd, Ht = img.size
-    area = Wd * Ht
-    box = None
-    for _ in range(10):
-        u = torch.rand(3, generator=gen).tolist()
-        a = area * (scale[0] + (scale[1] - scale[0]) * u[0])
-        r = float(np.exp(np.log(3 / 4) + (np.log(4 / 3) - np.log(3 / 4)) * u[1]))
-        w, h = int(round((a * r) ** 0.5)), int(round((a / r) ** 0.5))
-        if 0 < w <= Wd and 0 < h <= Ht:
-            x0 = int(torch.randint(0, Wd - w + 1, (1,), generator=gen)); y0 = int(torch.randint(0, Ht - h + 1, (1,), generator=gen))
-            box = (x0, y0, x0 + w, y0 + h)
-            break
-    if box is None:  # fall back to the central square
-        s = min(Wd, Ht); box = ((Wd - s) // 2, (Ht - s) // 2, (Wd - s) // 2 + s, (Ht - s) // 2 + s)
+    """Random resized crop (box from `scfs.augment.random_resized_boxes`: area fraction in `scale`, aspect ratio in
+    [3/4, 4/3]) + flip with probability 1/2, drawn from `gen`
+    -> (normalised (3,size,size) tensor, box (x0,y0,x1,y1) in source px, flipped)."""
+    box = tuple(random_resized_boxes(1, img.height, img.width, scale, generator=gen)[0].tolist())
     flip = bool(torch.rand(1, generator=gen) < 0.5)
-    crop = img.crop(box)
-    if flip: crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
-    return normalize_image(crop, size), tuple(float(v) for v in box), flip
+    return cut_view(img, box, flip, size), box, flip
 
 # %% ../nbs/11_widgets.ipynb #be387710
 def crop_region(view: torch.Tensor, box, out_size: int) -> torch.Tensor:
@@ -66,233 +61,269 @@ def region_search(backbone, view_a: torch.Tensor, view_b: torch.Tensor, box, que
         best[l], sims[l] = best_location(maps[l], S)
     return dict(query=q, maps=maps, best=best, sims=sims)
 
-# %% ../nbs/11_widgets.ipynb #13703db9
-_SCENE = 'scene (by index)'
-_PATH = 'path'
-_RANDOM = 'random init'
-_CKPT = 'checkpoint'
+# %% ../nbs/11_widgets.ipynb #4e775118
+def _open_image(image=None, scene_index: int = 0) -> tuple:
+    """`image`: a PIL image, 'scene' (synthetic scene `scene_index`), None (the first sample photo, else that scene), a
+    sample photo's name or a path -> (RGB image, name, object box in source px or None)."""
+    if isinstance(image, Image.Image): return image.convert('RGB'), 'PIL image', None
+    if image == 'scene' or (image is None and not sample_photos()):
+        img, _, box = make_scene(np.random.default_rng(int(scene_index)), size=64)
+        return img.convert('RGB'), f'scene {int(scene_index)}', tuple(box)
+    spec = sample_photos()[0] if image is None else image
+    img, box = load_image(spec)
+    return img, Path(str(spec)).name, box
+
+def _open_backbone(checkpoint=None, arch: str = 'small', seed: int = 0) -> tuple:
+    "Random-init `arch` (seed `seed`; the caller's RNG untouched) or a checkpoint's teacher -> (backbone in eval mode, name)."
+    if checkpoint in (None, ''):
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return build_backbone(arch).eval(), f'random init ({arch})'
+    if not Path(checkpoint).exists(): raise ScfsError(f'checkpoint not found: {checkpoint}')
+    from scfs.evaluate import load_backbone   # reads every checkpoint format (08_evaluate)
+    return load_backbone(str(checkpoint))[0].eval(), Path(checkpoint).name
+
+def _check_settings(view_size, query_size, scale, layers):
+    "ScfsError unless views and query are integers >= 16 px (layer4's stride), 0 < scale[0] <= scale[1] <= 1, layers known."
+    for name, v in (('view_size', view_size), ('query_size', query_size)):
+        if v is not None and (not isinstance(v, (int, np.integer)) or v < 16):
+            raise ScfsError(f'{name} must be an integer >= 16 (pixels), got {v!r}')
+    try: lo, hi = (float(v) for v in scale)
+    except (TypeError, ValueError): raise ScfsError(f'scale must be a pair (lo, hi), got {scale!r}')
+    if not 0 < lo <= hi <= 1: raise ScfsError(f'scale must satisfy 0 < lo <= hi <= 1, got {scale!r}')
+    if not layers or any(l not in LAYERS for l in layers): raise ScfsError(f'layers must be among {LAYERS}, got {layers!r}')
+
+# %% ../nbs/11_widgets.ipynb #1fc49e99
+class QueryBox:
+    """A square query box on a `view_size` px view: top-left (`x`, `y`) and `side` in view pixels; `box` is it clipped
+    to the view. Every move goes through `move`, which ends with `search()` (a hook: `RegionQuery` searches there)."""
+    min_side = 4   # the smallest side (px), also the `size` slider's minimum
+    def __init__(self, view_size: int = 64):
+        self.view_size = S = int(view_size)
+        self.x, self.y, self.side = S // 4, S // 4, S // 2
+    @property
+    def box(self) -> tuple:
+        "(x0, y0, x1, y1) in view pixels, clipped to the view."
+        S = self.view_size
+        return (self.x, self.y, min(self.x + self.side, S), min(self.y + self.side, S))
+    def search(self): "Called after every move (`RegionQuery` searches the new box)."
+    def move(self, x: int, y: int, side: int | None = None):
+        "Set top-left and side as given: x, y in [0, S - min_side] and side in [min_side, S] (the sliders), else ScfsError."
+        S, m, side = self.view_size, self.min_side, self.side if side is None else side
+        if not (0 <= x <= S - m and 0 <= y <= S - m and m <= side <= S):
+            raise ScfsError(f'query box at ({x}, {y}) with side {side} does not fit the {S} px view: '
+                            f'x and y must be in [0, {S - m}], the side in [{m}, {S}]')
+        self.x, self.y, self.side = int(x), int(y), int(side)
+        self.search()
+    def place(self, x0: float, y0: float, side: float | None = None):
+        "Move to top-left (x0, y0) with `side` (None: keep; clamped to [min_side, S]), shifted to lie inside the view."
+        S = self.view_size
+        s = int(min(max(round(self.side if side is None else side), self.min_side), S))
+        self.move(*(int(min(max(round(v), 0), S - s)) for v in (x0, y0)), s)
+    def centre_on(self, cx: float, cy: float):
+        "Centre the box (same side) on view pixel (cx, cy), shifted to stay inside the view."
+        self.place(cx - self.side / 2, cy - self.side / 2)
+    def drag(self, a: tuple, b: tuple):
+        "Mouse pressed at view pixel `a`, released at `b`: under 2 px apart a click (centre on b), else a square a -> b."
+        (ax, ay), (bx, by) = a, b
+        side = max(abs(bx - ax), abs(by - ay))
+        if side < 2: self.centre_on(bx, by)
+        else: self.place(ax if bx >= ax else ax - side, ay if by >= ay else ay - side, side)
+
+# %% ../nbs/11_widgets.ipynb #c523c00e
+class RegionQuery(QueryBox):
+    """The region-match computation, no widgets: an image (`img`, `image_name`, `object_box`), two views of it (`view_a`,
+    `view_b`; source boxes `box_a`, `box_b`, flips `flip_a`, `flip_b`), a query box on view A and its search in view B:
+    `query`, `maps`, `best`, `sims` always describe the current box and views. `checkpoint`: None (random init) or a file."""
+    def __init__(self, image=None, scene_index: int = 0, checkpoint=None, backbone: str = 'small', view_size: int = 64,
+                 query_size: int | None = None, seed: int = 0, scale=(0.4, 1.0), layers=LAYERS):
+        _check_settings(view_size, query_size, scale, layers)
+        super().__init__(view_size)
+        self.query_size, self.arch, self.scale = int(query_size or max(view_size // 2, 16)), backbone, tuple(scale)
+        self.layers, self.seed, self.gen, self.view_a = tuple(layers), seed, torch.Generator().manual_seed(seed), None
+        self.load_backbone(checkpoint)
+        self.set_image(image, scene_index)
+    def load_backbone(self, checkpoint=None):
+        "Use a random-init backbone (None) or a checkpoint's teacher (ScfsError if missing); search again."
+        self.backbone, self.backbone_name = _open_backbone(checkpoint, self.arch, self.seed)
+        if self.view_a is not None: self.set_views((self.box_a, self.flip_a), (self.box_b, self.flip_b))
+    def set_image(self, image=None, scene_index: int = 0):
+        "Use another image (see `_open_image`) and draw two new views of it."
+        self.img, self.image_name, self.object_box = _open_image(image, scene_index)
+        self.resample()
+    def resample(self):
+        "Draw two new random views A and B (`random_view`, from the query's own generator); search again."
+        self.set_views(*(random_view(self.img, self.view_size, self.scale, self.gen)[1:] for _ in 'AB'))
+    def set_views(self, a: tuple, b: tuple):
+        "Cut views A and B out of the image: `a`, `b` = (source box (x0, y0, x1, y1; px), flipped); search again."
+        (self.box_a, self.flip_a), (self.box_b, self.flip_b) = ((tuple(map(float, box)), bool(f)) for box, f in (a, b))
+        self.view_a, self.view_b = (cut_view(self.img, box, f, self.view_size) for box, f in (a, b))
+        self.global_feats = backbone_maps(self.backbone, torch.stack([self.view_b, self.view_a]))  # reused by `search`
+        self.search()
+    def search(self):
+        "Search the query box of view A in view B -> `query`, `maps`, `best` (view-B px), `sims` (cosine at the best cell)."
+        r = region_search(self.backbone, self.view_a, self.view_b, self.box, self.query_size, self.layers, self.global_feats)
+        self.query, self.maps, self.best, self.sims = r['query'], r['maps'], r['best'], r['sims']
+    def query_in_b(self):
+        "Where the query region really is in view B: the box mapped through the source image, clipped (None: not in B)."
+        src = view_to_source(self.box, self.box_a, self.flip_a, self.view_size)
+        return clip_box(source_to_view(src, self.box_b, self.flip_b, self.view_size), self.view_size)
+
+# %% ../nbs/11_widgets.ipynb #83576e42
+def render_region_match(rq: RegionQuery, dpi: int = 60) -> tuple:
+    """Draw a `RegionQuery` -> (PNG bytes, view A's panel in the PNG as (x0, y0, x1, y1) pixels, y down). Panels: view A
+    + query box, the query region, view B + where the query really is (dashed), each layer's map + best match (cross)."""
+    from matplotlib.figure import Figure
+    n, S = 3 + len(rq.layers), rq.view_size
+    fig = Figure(figsize=(1.9 * n, 2.35), dpi=dpi)
+    axs = fig.subplots(1, n)
+    for a in axs: a.set_xticks([]); a.set_yticks([])
+    axs[0].imshow(as_image(rq.view_a), extent=(0, S, S, 0)); axs[0].set_title('view A + query', fontsize=9)
+    _rect(axs[0], rq.box, 'red', lw=2)
+    axs[1].imshow(as_image(rq.query)); axs[1].set_title('query region', fontsize=9)
+    axs[2].imshow(as_image(rq.view_b), extent=(0, S, S, 0)); axs[2].set_title('view B', fontsize=9)
+    qb = rq.query_in_b()
+    if qb is not None: _rect(axs[2], qb, 'red', ls='--', lw=1.5)
+    for ax, l in zip(axs[3:], rq.layers):
+        overlay_map(ax, rq.view_b, rq.maps[l], title=f'{l}: sim {rq.sims[l]:.2f}')
+        for colour, ms, mew in (('white', 10, 3), ('black', 8, 1.5)):
+            ax.plot([rq.best[l][0]], [rq.best[l][1]], marker='x', color=colour, ms=ms, mew=mew)
+        if qb is not None: _rect(ax, qb, 'white', ls='--', lw=1.2)
+    fig.tight_layout(pad=0.3)
+    buf = io.BytesIO()
+    fig.savefig(buf, format='png', dpi=dpi)
+    (x0, y0), (x1, y1) = axs[0].transData.transform([(0, 0), (S, S)])   # display pixels, y up
+    h = fig.bbox.height
+    im = Image.open(io.BytesIO(buf.getvalue())).convert('RGB').quantize(256, method=Image.Quantize.FASTOCTREE)
+    out = io.BytesIO(); im.save(out, format='PNG')
+    return out.getvalue(), (float(x0), float(h - y0), float(x1), float(h - y1))
+
+def _to_view(panel, S: int, px: float, py: float, clip: bool = False):
+    "PNG pixel (px, py) -> pixel (x, y) of the S px view drawn in `panel` (x0, y0, x1, y1); None outside it, unless `clip`."
+    x0, y0, x1, y1 = panel
+    x, y = (px - x0) / (x1 - x0) * S, (py - y0) / (y1 - y0) * S
+    if clip: return min(max(x, 0.), float(S)), min(max(y, 0.), float(S))
+    return (x, y) if 0 <= x <= S and 0 <= y <= S else None
+
+def _to_png(panel, S: int, x: float, y: float) -> tuple:
+    "View pixel (x, y) -> PNG pixel (the inverse of `_to_view`)."
+    x0, y0, x1, y1 = panel
+    return x0 + x / S * (x1 - x0), y0 + y / S * (y1 - y0)
+
+# %% ../nbs/11_widgets.ipynb #b1661a86
+_SCENE, _PATH, _RANDOM, _CKPT = 'scene (by index)', 'path', 'random init', 'checkpoint'
 
 def _photo_options():
     try: return [(f'photo: {p.stem}', f'photo:{p}') for p in sample_photos()]
     except Exception: return []
 
-class RegionMatch:
-    """Region-match widget. `image`: None (first sample photo, else scene 0), 'scene' (scene `scene_index`), a photo name
-    or a path. The query box on view A (view pixels) is held by the sliders `x`, `y`, `size`; the mouse sets them (a click
-    on view A centres the box there, a drag draws it). `maps`, `best`, `sims`, `box`, `query` and `png` always describe
-    what is displayed. Display it by leaving it as the last expression of a cell."""
-    def __init__(self, image=None, scene_index: int = 0, checkpoint=None, backbone: str = 'small', view_size: int = 64,
-                 query_size: int | None = None, seed: int = 0, scale=(0.4, 1.0), layers=LAYERS, dpi: int = 60):
-        self.view_size, self.query_size = view_size, query_size or max(view_size // 2, 16)
-        self.arch, self.scale, self.layers, self.dpi, self.seed = backbone, scale, tuple(layers), dpi, seed
-        self.gen = torch.Generator().manual_seed(seed)
-        self.frozen, self._hold, self._press = False, False, None
-        S = view_size
-        # --- controls
-        opts = _photo_options() + [(_SCENE, _SCENE), (_PATH, _PATH)]
-        self.source = W.Dropdown(options=opts, description='image')
+class _Controls:
+    "The widget's controls and layout: image source, backbone, query sliders, figure (and its mouse events), readout, status."
+    def __init__(self, S: int, scene_index: int, checkpoint):
+        m = QueryBox.min_side
+        self.source = W.Dropdown(options=_photo_options() + [(_SCENE, _SCENE), (_PATH, _PATH)], description='image')
         self.scene_index = W.BoundedIntText(value=scene_index, min=0, max=10**6, description='scene #',
                                             layout=W.Layout(width='160px'))
         self.path = W.Text(value='', placeholder='path to an image', description='path')
         self.load_button = W.Button(description='load image')
         self.resample_button = W.Button(description='re-sample views', icon='refresh')
-        self.x = W.IntSlider(value=S // 4, min=0, max=S - 4, description='x', continuous_update=False)
-        self.y = W.IntSlider(value=S // 4, min=0, max=S - 4, description='y', continuous_update=False)
-        self.size = W.IntSlider(value=S // 2, min=4, max=S, description='size', continuous_update=False)
+        self.x = W.IntSlider(value=S // 4, min=0, max=S - m, description='x', continuous_update=False)
+        self.y = W.IntSlider(value=S // 4, min=0, max=S - m, description='y', continuous_update=False)
+        self.size = W.IntSlider(value=S // 2, min=m, max=S, description='size', continuous_update=False)
         for s, c in ((self.x, 'scfs-x'), (self.y, 'scfs-y'), (self.size, 'scfs-size')): s.add_class(c)
-        self.backbone_choice = W.Dropdown(options=[_RANDOM, _CKPT], value=_RANDOM, description='backbone')
+        self.backbone_choice = W.Dropdown(options=[_RANDOM, _CKPT], value=_RANDOM if checkpoint is None else _CKPT,
+                                          description='backbone')
         self.checkpoint = W.Text(value='' if checkpoint is None else str(checkpoint), placeholder='checkpoint_last.pth',
                                  description='checkpoint')
         self.backbone_button = W.Button(description='use backbone')
-        self.readout = W.HTML(value=''); self.readout.add_class('scfs-readout')
-        self.status = W.HTML(value='')
+        self.readout, self.status = W.HTML(value=''), W.HTML(value='')
+        self.readout.add_class('scfs-readout')
         self.figure = W.Image(format='png'); self.figure.add_class('scfs-figure')
-        # mouse on the figure: ipyevents reports dataX/dataY in the PNG's own pixels, whatever size it is displayed at
+        # the mouse on the figure: ipyevents reports dataX/dataY in the PNG's own pixels, whatever size it is shown at
         self.mouse = Event(source=self.figure, watched_events=['mousedown', 'mouseup'], prevent_default_action=True)
         self.hint = W.HTML(value='<i>click view A to centre the query there, or drag a box on it</i>')
         self.ui = W.VBox([W.HBox([self.source, self.scene_index, self.path, self.load_button, self.resample_button]),
                           W.HBox([self.backbone_choice, self.checkpoint, self.backbone_button]),
                           W.HBox([self.x, self.y, self.size]), self.hint, self.figure, self.readout, self.status])
-        # --- state
-        self.backbone = None
-        self.load_backbone(checkpoint)
-        if checkpoint is not None: self.backbone_choice.value = _CKPT
-        self.set_image(image, scene_index)
-        # --- events
-        self._observers = [(s, self._on_query) for s in (self.x, self.y, self.size)]
-        for s, f in self._observers: s.observe(f, names='value')
+
+# %% ../nbs/11_widgets.ipynb #3e3b7f97
+def _requested(c: _Controls) -> tuple:
+    "What the form asks for -> ((image, scene_index) for `set_image`, checkpoint for `load_backbone`)."
+    v = c.source.value
+    image = ('scene', c.scene_index.value) if v == _SCENE else (
+        (c.path.value.strip() or None, 0) if v == _PATH else (v.split(':', 1)[1], 0))
+    return image, (c.checkpoint.value.strip() if c.backbone_choice.value == _CKPT else None)
+
+def _show_source(c: _Controls, name: str, image):
+    "Set the image controls to the image in use (`name` as `_open_image` gives it; `image` as it was asked for)."
+    if name.startswith('scene '): c.source.value, c.scene_index.value = _SCENE, int(name[6:])
+    else:
+        match = [v for _, v in c.source.options if v.startswith('photo:') and Path(v[6:]).name == name]
+        c.source.value = match[0] if match else _PATH
+        if not match and not isinstance(image, Image.Image): c.path.value = str(image)
+
+def _guard(c: _Controls, f):
+    "Run a button's action; a ScfsError goes to the status line."
+    try: f(); c.status.value = ''
+    except ScfsError as e: c.status.value = f'<span style="color:#c00">{html.escape(str(e))}</span>'
+
+def _readout(rq: RegionQuery) -> str:
+    "HTML: image, backbone, query box, and per layer the best match in view B and its similarity."
+    rows = ''.join(f'<tr><td>{l}</td><td>({rq.best[l][0]:.1f}, {rq.best[l][1]:.1f})</td><td>{rq.sims[l]:.3f}</td></tr>'
+                   for l in rq.layers)
+    return (f'<b>{html.escape(rq.image_name)}</b> · {html.escape(rq.backbone_name)} · query box '
+            f'{tuple(int(v) for v in rq.box)} on view A<br><table><tr><th>layer</th>'
+            f'<th>best match in view B (x, y)</th><th>similarity</th></tr>{rows}</table>')
+
+# %% ../nbs/11_widgets.ipynb #83576777
+def _on_slider(w, change=None):
+    "Slider handler: move the query box where the sliders say, then redraw."
+    if not w._hold: w.rq.move(w.x.value, w.y.value, w.size.value); w.update()
+
+def _on_mouse(w, event: dict):
+    "ipyevents handler: mousedown on view A starts a press, mouseup ends it: one `rq.drag` (a click or a box), one redraw."
+    if event.get('type') == 'mousedown': w._press = w.figure_to_view(event['dataX'], event['dataY'])
+    elif event.get('type') == 'mouseup' and w._press is not None:
+        a, w._press = w._press, None
+        w.rq.drag(a, w.figure_to_view(event['dataX'], event['dataY'], clip=True)); w.update()
+
+# %% ../nbs/11_widgets.ipynb #13703db9
+class RegionMatch(_Controls):
+    """Region-match widget over a `RegionQuery` (`rq`; same arguments, plus the figure's `dpi`): sliders `x`, `y`, `size`
+    and the mouse (click on view A: centre the query there; drag: draw it) move the query box; `png`, `readout` show it."""
+    _STATE = ('box', 'maps', 'best', 'sims', 'query', 'view_a', 'view_b', 'box_a', 'box_b', 'flip_a', 'flip_b', 'img',
+              'image_name', 'object_box', 'backbone', 'backbone_name', 'view_size', 'query_size', 'layers', 'query_in_b')
+    _on_slider, _on_mouse = _on_slider, _on_mouse   # the handlers above, as methods
+    def __init__(self, image=None, scene_index: int = 0, checkpoint=None, backbone: str = 'small', view_size: int = 64,
+                 query_size: int | None = None, seed: int = 0, scale=(0.4, 1.0), layers=LAYERS, dpi: int = 60):
+        self.rq = RegionQuery(image, scene_index, checkpoint, backbone, view_size, query_size, seed, scale, layers)
+        super().__init__(self.rq.view_size, scene_index, checkpoint)
+        self.dpi, self._hold, self._press = dpi, False, None
+        _show_source(self, self.rq.image_name, image)
+        for s in (self.x, self.y, self.size): s.observe(self._on_slider, names='value')
         self.mouse.on_dom_event(self._on_mouse)
-        self.resample_button.on_click(lambda _: self._guard(self.resample))
-        self.load_button.on_click(lambda _: self._guard(self._load_from_controls))
-        self.backbone_button.on_click(lambda _: self._guard(self._backbone_from_controls))
-
-    # --- public API (used by tests and the buttons)
-    def load_backbone(self, checkpoint=None):
-        "Use a random-init backbone (None) or the teacher backbone of a checkpoint; recomputes the maps."
-        if checkpoint in (None, ''):
-            from scfs.backbone import build_backbone
-            with torch.random.fork_rng():  # reproducible init without touching the caller's RNG
-                torch.manual_seed(self.seed)
-                bb = build_backbone(self.arch)
-            self.backbone_name = f'random init ({self.arch})'
-        else:
-            from scfs.evaluate import load_backbone
-            if not Path(checkpoint).exists(): raise ScfsError(f'checkpoint not found: {checkpoint}')
-            bb, _ = load_backbone(str(checkpoint))
-            self.backbone_name = Path(checkpoint).name
-        self.backbone = bb.eval()
-        if getattr(self, 'view_a', None) is not None: self._refresh_globals()
-
-    def set_image(self, image=None, scene_index: int = 0):
-        "Use an image: None, 'scene', a sample photo name, a path, or a PIL image; then sample new views."
-        self.object_box = None
-        if isinstance(image, Image.Image):
-            img, name = image.convert('RGB'), 'PIL image'
-        elif image == 'scene' or (image is None and not sample_photos()):
-            img, _, box = make_scene(np.random.default_rng(int(scene_index)), size=64)
-            name, self.object_box = f'scene {int(scene_index)}', tuple(box)
-        else:
-            from scfs.maps import load_image
-            spec = sample_photos()[0] if image is None else image
-            img, self.object_box = load_image(spec)
-            name = Path(str(spec)).name
-        self.img, self.image_name = img.convert('RGB'), name
-        if name.startswith('scene '): self.source.value, self.scene_index.value = _SCENE, int(scene_index)
-        else:
-            match = [v for _, v in self.source.options if v.startswith('photo:') and Path(v[6:]).name == name]
-            self.source.value = match[0] if match else _PATH
-            if not match and not isinstance(image, Image.Image): self.path.value = str(image)
-        self.resample()
-
-    def resample(self):
-        "Draw two new views A and B and recompute."
-        self.view_a, self.box_a, self.flip_a = random_view(self.img, self.view_size, self.scale, self.gen)
-        self.view_b, self.box_b, self.flip_b = random_view(self.img, self.view_size, self.scale, self.gen)
-        self._refresh_globals()
-
-    def freeze(self):
-        "Stop reacting to the sliders and the mouse (used as a negative control by the browser test)."
-        for s, f in self._observers: s.unobserve(f, names='value')
-        self.mouse.on_dom_event(self._on_mouse, remove=True)
-        self.frozen = True
-
-    def place(self, x0: float, y0: float, size: float | None = None):
-        "Move the query box to top-left (x0, y0) with side `size` (None: keep), kept inside view A; one recompute."
-        S = self.view_size
-        s = int(min(max(round(self.size.value if size is None else size), self.size.min), S))
-        x0, y0 = (int(min(max(round(v), 0), S - s)) for v in (x0, y0))
-        self._hold = True   # three slider changes, one update
-        try: self.size.value, self.x.value, self.y.value = s, x0, y0
-        finally: self._hold = False
-        if not self.frozen: self.update()
-
-    def centre_on(self, cx: float, cy: float):
-        "Centre the query box (same size) on view-A pixel (cx, cy), shifted to stay inside the view."
-        s = self.size.value
-        self.place(cx - s / 2, cy - s / 2)
-
-    def figure_to_view(self, px: float, py: float, clip: bool = False):
-        "PNG pixel (px, py) of the figure -> view-A pixel (x, y); None outside view A's panel (unless `clip`)."
-        x0, y0, x1, y1 = self.view_a_px
-        S = self.view_size
-        x, y = (px - x0) / (x1 - x0) * S, (py - y0) / (y1 - y0) * S
-        if clip: return min(max(x, 0.), float(S)), min(max(y, 0.), float(S))
-        return (x, y) if 0 <= x <= S and 0 <= y <= S else None
-
-    def view_to_figure(self, x: float, y: float) -> tuple:
-        "View-A pixel (x, y) -> PNG pixel of the figure (inverse of `figure_to_view`)."
-        x0, y0, x1, y1 = self.view_a_px
-        return x0 + x / self.view_size * (x1 - x0), y0 + y / self.view_size * (y1 - y0)
-
-    @property
-    def box(self) -> tuple:
-        "Query box (x0,y0,x1,y1) on view A in view pixels, clipped to the view."
-        S, s = self.view_size, self.size.value
-        return (self.x.value, self.y.value, min(self.x.value + s, S), min(self.y.value + s, S))
-
-    def query_in_b(self):
-        "The query box mapped into view B (through the source image), clipped; None if outside view B."
-        src = view_to_source(self.box, self.box_a, self.flip_a, self.view_size)
-        return clip_box(source_to_view(src, self.box_b, self.flip_b, self.view_size), self.view_size)
-
-    # --- internals
-    def _guard(self, f):
-        try:
-            f(); self.status.value = ''
-        except ScfsError as e:
-            self.status.value = f'<span style="color:#c00">{html.escape(str(e))}</span>'
-
-    def _load_from_controls(self):
-        v = self.source.value
-        if v == _SCENE: self.set_image('scene', self.scene_index.value)
-        elif v == _PATH: self.set_image(self.path.value.strip() or None)
-        else: self.set_image(v.split(':', 1)[1])
-
-    def _backbone_from_controls(self):
-        self.load_backbone(self.checkpoint.value.strip() if self.backbone_choice.value == _CKPT else None)
-
-    def _refresh_globals(self):
-        self.global_feats = backbone_maps(self.backbone, torch.stack([self.view_b, self.view_a]))
+        self.load_button.on_click(lambda _: _guard(self, lambda: self.set_image(*_requested(self)[0])))
+        self.backbone_button.on_click(lambda _: _guard(self, lambda: self.load_backbone(_requested(self)[1])))
+        self.resample_button.on_click(lambda _: _guard(self, self.resample))
         self.update()
-
-    def _on_query(self, change=None):
-        if not self._hold: self.update()
-
-    def _on_mouse(self, event: dict):
-        "ipyevents handler: mousedown on view A starts, mouseup ends; a short move is a click (centre), else a box."
-        if event.get('type') == 'mousedown':
-            self._press = self.figure_to_view(event['dataX'], event['dataY'])
-        elif event.get('type') == 'mouseup' and self._press is not None:
-            (ax, ay), (bx, by) = self._press, self.figure_to_view(event['dataX'], event['dataY'], clip=True)
-            self._press = None
-            side = max(abs(bx - ax), abs(by - ay))
-            if side < 2: self.centre_on(bx, by)   # a click (the mouse moved < 2 view pixels)
-            else: self.place(ax if bx >= ax else ax - side, ay if by >= ay else ay - side, side)
-
+    def __getattr__(self, name):   # only called for names the widget lacks: the query's state reads through
+        if name in RegionMatch._STATE: return getattr(self.rq, name)
+        raise AttributeError(f'RegionMatch has no attribute {name!r}')
+    def load_backbone(self, checkpoint=None): self.rq.load_backbone(checkpoint); self.update()
+    def set_image(self, image=None, scene_index: int = 0):
+        self.rq.set_image(image, scene_index); _show_source(self, self.rq.image_name, image); self.update()
+    def resample(self): self.rq.resample(); self.update()
+    def figure_to_view(self, px, py, clip=False): return _to_view(self.view_a_px, self.rq.view_size, px, py, clip)
+    def view_to_figure(self, x, y): return _to_png(self.view_a_px, self.rq.view_size, x, y)
+    def _repr_mimebundle_(self, **kw): return self.ui._repr_mimebundle_(**kw)
     def update(self):
-        "Recompute the query, maps, best locations and the displayed figure/readout from the current state."
-        r = region_search(self.backbone, self.view_a, self.view_b, self.box, self.query_size, self.layers,
-                          global_feats=self.global_feats)
-        self.query, self.maps, self.best, self.sims = r['query'], r['maps'], r['best'], r['sims']
-        self.png = self._render()
-        self.figure.value = self.png
-        rows = ''.join(f'<tr><td>{l}</td><td>({self.best[l][0]:.1f}, {self.best[l][1]:.1f})</td>'
-                       f'<td>{self.sims[l]:.3f}</td></tr>' for l in self.layers)
-        self.readout.value = (f'<b>{html.escape(self.image_name)}</b> · {html.escape(self.backbone_name)} · query box '
-                              f'{tuple(int(v) for v in self.box)} on view A<br><table><tr><th>layer</th>'
-                              f'<th>best match in view B (x, y)</th><th>similarity</th></tr>{rows}</table>')
-
-    def _render(self) -> bytes:
-        from matplotlib.figure import Figure
-        n = 3 + len(self.layers)
-        fig = Figure(figsize=(1.9 * n, 2.35), dpi=self.dpi)
-        axs = fig.subplots(1, n)
-        for a in axs: a.set_xticks([]); a.set_yticks([])
-        S = self.view_size
-        axs[0].imshow(as_image(self.view_a), extent=(0, S, S, 0)); axs[0].set_title('view A + query', fontsize=9)
-        _rect(axs[0], self.box, 'red', lw=2)
-        axs[1].imshow(as_image(self.query)); axs[1].set_title('query region', fontsize=9)
-        axs[2].imshow(as_image(self.view_b), extent=(0, S, S, 0)); axs[2].set_title('view B', fontsize=9)
-        qb = self.query_in_b()
-        for j, l in enumerate(self.layers):
-            ax = axs[3 + j]
-            overlay_map(ax, self.view_b, self.maps[l], title=f'{l}: sim {self.sims[l]:.2f}')
-            bx, by = self.best[l]
-            ax.plot([bx], [by], marker='x', color='white', ms=10, mew=3)
-            ax.plot([bx], [by], marker='x', color='black', ms=8, mew=1.5)
-            if qb is not None: _rect(ax, qb, 'white', ls='--', lw=1.2)
-        if qb is not None: _rect(axs[2], qb, 'red', ls='--', lw=1.5)
-        fig.tight_layout(pad=0.3)
-        buf = io.BytesIO()
-        fig.savefig(buf, format='png', dpi=self.dpi)
-        # where view A lies in the PNG (pixels, y down), read after drawing (the aspect is applied at draw time)
-        (x0, y0), (x1, y1) = axs[0].transData.transform([(0, 0), (S, S)])
-        h = fig.bbox.height
-        self.view_a_px = (float(x0), float(h - y0), float(x1), float(h - y1))
-        # 256-colour palette PNG: ~4x smaller (notebook size, widget traffic), ~10 ms
-        im = Image.open(io.BytesIO(buf.getvalue())).convert('RGB').quantize(256, method=Image.Quantize.FASTOCTREE)
-        out = io.BytesIO(); im.save(out, format='PNG')
-        return out.getvalue()
-
-    def _repr_mimebundle_(self, **kw):
-        return self.ui._repr_mimebundle_(**kw)
+        "Show the query's state: the sliders (set without a second search), the figure (`png`, `view_a_px`), the readout."
+        self._hold = True
+        try: self.size.value, self.x.value, self.y.value = self.rq.side, self.rq.x, self.rq.y
+        finally: self._hold = False
+        self.png, self.view_a_px = render_region_match(self.rq, self.dpi)
+        self.figure.value, self.readout.value = self.png, _readout(self.rq)
+    def freeze(self):
+        "Stop reacting to the sliders and the mouse (the browser test's negative control)."
+        for s in (self.x, self.y, self.size): s.unobserve(self._on_slider, names='value')
+        self.mouse.on_dom_event(self._on_mouse, remove=True)

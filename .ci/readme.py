@@ -1,7 +1,7 @@
 """README.md is generated from nbs/index.ipynb (quarto is not available): its markdown cells, in order, with
 image links rewritten from the notebook folder to the repository root, and the stored Markdown output of every code
 cell that starts with `#| readme` (the result tables, rendered from nbs/results/*.json by
-`scfs.experiments.readme_results`). Other code cells are not copied (they draw figures saved under nbs/images/).
+`scfs.recipes.readme_results`). Other code cells are not copied (they draw figures saved under nbs/images/).
 
     python .ci/readme.py          # write README.md
     python .ci/readme.py --check  # exit 1 if README.md is out of date

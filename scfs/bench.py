@@ -56,7 +56,7 @@ OFFICIAL_SEARCH_SHAPES = {  # layer: (channels, global side, local side) for Res
 
 def _tiny_preset() -> dict:
     "Model/crop sizes of the trainer's `tiny` preset (so the CPU benchmark times exactly what `scfs pretrain` trains)."
-    from scfs.train import get_config
+    from scfs.config import get_config
     c = get_config('tiny')
     return dict(backbone=c.backbone, backbone_kw={k: list(v) if isinstance(v, tuple) else v for k, v in c.backbone_kw.items()},
                 global_size=c.global_size, local_size=c.local_size, n_local_step=c.n_local, out_dim=c.out_dim,
@@ -134,11 +134,13 @@ def _batch(s, device, seed=0):
     mf = torch.channels_last if s['channels_last'] else torch.contiguous_format
     return [c.to(device).contiguous(memory_format=mf) for c in batch['crops']]
 
+
+# %% ../nbs/13_bench.ipynb #bb13e002
 def bench_config(method: str, s: dict):
     """The `Config` the benchmark trains: the `tiny` preset (what `scfs pretrain` trains) with the model sizes of the
     settings `s`. On CPU these are the preset's own, so the bench times exactly the trained model; on a GPU the
     same recipe at ResNet-50 size."""
-    from scfs.train import get_config
+    from scfs.config import get_config
     ov = dict(method=method, backbone=s['backbone'], backbone_kw=s.get('backbone_kw') or {}, global_size=s['global_size'],
               local_size=s['local_size'], n_local=s.get('n_local_step', s['n_local']), out_dim=s['out_dim'],
               head_hidden=s['head_hidden'], layer_out_dim=s['layer_out_dim'])
@@ -147,7 +149,7 @@ def bench_config(method: str, s: dict):
 
 def _model(method, s, device):
     "The model of `bench_config`, built by the trainer's own `build_model` (one path from settings to model)."
-    from scfs.train import build_model
+    from scfs.model import build_model
     torch.manual_seed(0)
     m = build_model(bench_config(method, s)).to(device)
     if s['channels_last']: m = m.to(memory_format=torch.channels_last)
@@ -157,6 +159,8 @@ def _autocast(s, device):
     if s['amp'] and torch.device(device).type == 'cuda': return torch.autocast('cuda', dtype=torch.bfloat16)
     return nullcontext()
 
+
+# %% ../nbs/13_bench.ipynb #bb13e004
 def make_train_step(model, crops, s, device, lr=0.01):
     "A closure doing one full training step: forward (teacher+student, all losses), backward, SGD, EMA."
     params = [p for p in model.student.parameters() if p.requires_grad]
@@ -180,6 +184,8 @@ def make_bare_step(backbone, crops, s, device):
         loss.backward()
     return step
 
+
+# %% ../nbs/13_bench.ipynb #bb13e005
 def bench_steps(device='cpu', s=None, repeats=None, warmup=None) -> dict:
     """Median SCFS-, DINO- and bare-step times on one shared batch, timed interleaved; the ratios are medians (and
     ranges) of the per-repeat ratios."""

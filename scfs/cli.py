@@ -10,7 +10,7 @@ import argparse, importlib, sys
 from .data import ScfsError
 
 # %% ../nbs/14_cli.ipynb #808d3911
-CLI_MODULES = ['data', 'train', 'evaluate', 'maps', 'bench']
+CLI_MODULES = ['data', 'pretrain', 'evaluate', 'maps', 'bench']
 
 def build_parser() -> argparse.ArgumentParser:
     "The `scfs` parser with every available module's sub-commands."

@@ -9,19 +9,18 @@ from dataclasses import asdict
 from pathlib import Path
 import torch
 
+from .data import atomic_write
+
 # %% auto #0
-__all__ = ['MAIN', 'ABLATIONS', 'ABLATION_AXES', 'SWEEP_LEVELS', 'SWEEP', 'METRICS', 'RECIPES', 'BENCHMARKS', 'BENCH_SCENES',
-           'MAIN_JOB', 'README_RECIPES', 'RESULTS', 'STUDY_EPOCHS', 'CROP_SWEEP', 'CROP_SWEEP_RESULTS',
+__all__ = ['MAIN', 'ABLATIONS', 'ABLATION_AXES', 'SWEEP_LEVELS', 'SWEEP', 'METRICS', 'RESULTS', 'STUDY_EPOCHS',
            'attach_step_curves', 'attention_scores', 'evaluate_run', 'run_one', 'load_results', 'save_results',
-           'run_study', 'summarise', 'paired_difference', 'write_csv', 'verdict', 'ci95', 'run_recipe', 'recipe_rows',
-           'recipe_markdown', 'record_run', 'main_job_markdown', 'readme_results', 'study_plan', 'run_plan',
-           'merge_shards', 'evaluate_random', 'background_share', 'crop_sweep_jobs', 'run_crop_sweep',
-           'crop_sweep_rows', 'crop_sweep_markdown', 'crop_sweep_verdict']
+           'run_study', 'summarise', 'paired_difference', 'write_csv', 'verdict', 'ci95', 'study_plan', 'run_plan',
+           'merge_shards', 'evaluate_random']
 
 # %% ../nbs/12_experiments.ipynb #cef06d3f
 def _w(n):
     "The tiny preset's weight per search layer, for `n` layers (ablations that search fewer layers keep the same weight each)."
-    from scfs.train import Config
+    from scfs.config import Config
     return (Config().layer_weights or (1.0,))[:1] * n
 
 MAIN = {'dino': dict(method='dino'), 'scfs': dict(method='scfs')}
@@ -60,7 +59,7 @@ def _history_curve(history, key='loss'):
 
 def _step_curves(run_dir) -> dict | None:
     "Per-step loss terms ('loss', 'dino', 'layer4/local', ...) from the trainer's `run_dir/metrics.jsonl` (None if gone)."
-    from scfs.train import read_metrics                                 # the one reader of metrics.jsonl
+    from scfs.runfiles import read_metrics  # the one reader of metrics.jsonl
     if not (Path(run_dir) / 'metrics.jsonl').exists(): return None
     recs = read_metrics(run_dir, 'step')
     keys = [k for k in dict.fromkeys(k for r in recs for k in r) if k == 'loss' or k == 'dino' or '/' in k or k.startswith('layer')]
@@ -75,6 +74,8 @@ def attach_step_curves(results) -> int:
         if c: r['loss_steps'], r['dino_steps'], r['step_terms'] = c['loss'], c['dino'], c; n += 1
     return n
 
+
+# %% ../nbs/12_experiments.ipynb #aa12e001
 def attention_scores(backbone, scenes, n_images=64, seed=0, **view_kw) -> dict | None:
     """Attention-on-object score per layer from `scfs.maps.object_scores`: {layer: {'on': mean, 'off': mean, 'n_on', 'n_off'}}
     ('on' = local crops covering the object, 'off' = crops away from it). None when `scfs.maps` is not available."""
@@ -91,18 +92,19 @@ def attention_scores(backbone, scenes, n_images=64, seed=0, **view_kw) -> dict |
         out[layer][f'n_{kind}'] = n
     return out
 
+
+# %% ../nbs/12_experiments.ipynb #aa12e002
 def evaluate_run(checkpoint, scenes, size, k=20) -> dict:
-    "kNN (k=20, T=0.07) and linear-probe accuracy (%) of the teacher backbone on the scenes' train/test split."
-    from scfs.evaluate import load_backbone, extract_features, knn_classify, linear_probe
-    bb, _ = load_backbone(checkpoint, which='teacher')
-    trf, trl = extract_features(bb, Path(scenes) / 'train', size)
-    tef, tel = extract_features(bb, Path(scenes) / 'test', size)
-    return dict(knn=float(knn_classify(trf, trl, tef, tel, k=k, T=0.07)), linear=float(linear_probe(trf, trl, tef, tel)),
-                backbone=bb)
+    "kNN (k=20, T=0.07) and linear-probe accuracy (%) of the teacher backbone on the scenes' train/test split (`scfs.evaluate`)."
+    from scfs.evaluate import knn_checkpoint, linear_checkpoint
+    tr, te = Path(scenes) / 'train', Path(scenes) / 'test'
+    return dict(knn=float(knn_checkpoint(checkpoint, tr, te, size, k=k)['acc']),
+                linear=float(linear_checkpoint(checkpoint, tr, te, size)['acc']))
 
 def run_one(name, overrides, seed, *, base, out_root, attention_images=64, log=print) -> dict:
     "Train one (config, seed), evaluate it, return a JSON-able result dict."
-    from scfs.train import get_config, train
+    from scfs.config import get_config
+    from scfs.train import train
     run_dir = Path(out_root) / f'{name}-s{seed}'
     kw = {**{k: v for k, v in base.items() if k != 'preset'}, **overrides}   # a config's overrides win over the base
     cfg = get_config(base.get('preset', 'tiny'), **kw, seed=seed, out=str(run_dir), eval=False, progress=False,
@@ -114,7 +116,8 @@ def run_one(name, overrides, seed, *, base, out_root, attention_images=64, log=p
     ev = evaluate_run(ckpt, cfg.data, cfg.global_size)
     att = None
     if attention_images:
-        try: att = attention_scores(ev['backbone'].eval(), cfg.data, n_images=attention_images, n_local=cfg.n_local,
+        from scfs.evaluate import load_backbone
+        try: att = attention_scores(load_backbone(ckpt)[0].eval(), cfg.data, n_images=attention_images, n_local=cfg.n_local,
                                     global_size=cfg.global_size, local_size=cfg.local_size)
         except Exception as e: log(f'attention score failed: {e!r}'); att = dict(error=repr(e))
     r = dict(name=name, seed=seed, method=cfg.method, overrides=overrides, config=asdict(cfg),
@@ -140,10 +143,7 @@ def _compact(r: dict) -> dict:
 
 def save_results(results, path, meta=None):
     "Write results (compacted, see `_compact`) and `meta` atomically as JSON."
-    p = Path(path); p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(p.suffix + '.tmp')
-    tmp.write_text(json.dumps(_jsonable(dict(meta=meta or {}, runs=[_compact(r) for r in results])), indent=1))
-    os.replace(tmp, p)
+    atomic_write(path, json.dumps(_jsonable(dict(meta=meta or {}, runs=[_compact(r) for r in results])), indent=1))
 
 def run_study(configs: dict, seeds, *, results_path, base: dict, out_root, meta=None, attention_images=64,
               runner=None, log=print) -> list[dict]:
@@ -199,6 +199,8 @@ def _attn_by_layer(r):
             if isinstance(v.get(kind), (int, float)): out[f'{l}_{kind}'] = float(v[kind])
     return out or None
 
+
+# %% ../nbs/12_experiments.ipynb #aa12e003
 def paired_difference(results, a='scfs', b='dino', metric='knn') -> dict:
     "Mean and std over shared seeds of metric(a) - metric(b)."
     ra = {r['seed']: r.get(metric) for r in results if r['name'] == a and not r.get('error')}
@@ -230,14 +232,7 @@ def verdict(results, a='scfs', b='dino') -> str:
                      f"{a.upper()} ahead on {d['wins']}/{n}).")
     return ' '.join(parts)
 
-# %% ../nbs/12_experiments.ipynb #8f004f6f
-RECIPES = 'nbs/results/recipes.json'
-BENCHMARKS = {'shapes': 'data/clutter-scenes', 'digits': 'data/digit-scenes',   # = DEFAULT_SCENES, DEFAULT_DIGITS
-              'digits-large': 'data/digit-scenes-large'}
-# diagnostic benchmarks (not targets) and how `run_recipe` generates them: digits without distractors at 60-80 % of
-# the side ask whether the digit benchmark defeats self-supervision through small objects and clutter, or through its
-# class cue (shape on a textured photo) itself
-BENCH_SCENES = {'digits-large': dict(kind='digits', clutter=dict(object_size=(0.6, 0.8), distractors=(0, 0)))}
+# %% ../nbs/12_experiments.ipynb #aa12e005
 _T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 12: 2.18, 15: 2.13,
         20: 2.09, 30: 2.04}
 
@@ -259,140 +254,8 @@ def _locked_update(path, fn):
         except ImportError: pass                      # no fcntl (Windows): one process at a time, please
         data = json.loads(p.read_text()) if p.exists() else dict(meta={}, runs=[])
         fn(data)
-        tmp = p.with_suffix('.tmp'); tmp.write_text(json.dumps(_jsonable(data), indent=1)); os.replace(tmp, p)
+        atomic_write(p, json.dumps(_jsonable(data), indent=1))
     return data
-
-
-# %% ../nbs/12_experiments.ipynb #194960c3
-def run_recipe(name: str, overrides: dict, seed: int, bench: str = 'shapes', *, path=RECIPES, out_root='runs/recipes',
-               threads: int = 1, keep: bool = False, test: bool = False, auroc: int = 0, log=print) -> dict:
-    """Train the `tiny` preset with `overrides` on benchmark `bench` (generated on first use) with `seed`, then store
-    the kNN of its teacher and of a random-init backbone on the **val** split, the minutes and the monitor curve in
-    `path`; `test=True` (final tables only, never tuning) also stores both on test. A (name, bench, seed) already
-    stored is skipped: the runner is resumable. `auroc=n`: also the on-object AUROC per layer of the teacher's search
-    maps on `n` val scenes (`scfs.maps.object_auroc`, views at the run's sizes), before the run folder goes."""
-    from scfs.train import get_config, train, read_metrics
-    from scfs.evaluate import knn_checkpoint
-    key = (name, bench, seed)
-    if any((r['name'], r['bench'], r['seed']) == key for r in load_results(path)): return {}
-    run_dir = Path(out_root) / f'{name}-{bench}-s{seed}'
-    if bench in BENCH_SCENES:
-        from scfs.data import ensure_scenes
-        ensure_scenes(BENCHMARKS[bench], **BENCH_SCENES[bench])
-    cfg = get_config('tiny', data=BENCHMARKS[bench], **overrides, seed=seed, out=str(run_dir), eval=False,
-                     progress=False, tensorboard=False, force=True, threads=threads)
-    t0 = time.time(); train(cfg); minutes = (time.time() - t0) / 60
-    data = Path(cfg.data)
-    ev = dict(size=cfg.eval_size, k=cfg.knn_k, T=cfg.knn_T)
-    val = knn_checkpoint(run_dir / 'checkpoint_last.pth', data / 'train', data / 'val', **ev)['acc']
-    rnd = knn_checkpoint(None, data / 'train', data / 'val', backbone=cfg.backbone, backbone_kw=cfg.backbone_kw,
-                         seed=seed, **ev)['acc']
-    if test:
-        tst = knn_checkpoint(run_dir / 'checkpoint_last.pth', data / 'train', data / 'test', **ev)['acc']
-        rnd_t = knn_checkpoint(None, data / 'train', data / 'test', backbone=cfg.backbone, backbone_kw=cfg.backbone_kw,
-                               seed=seed, **ev)['acc']
-    mon = [(m['step'], m['knn']) for m in read_metrics(run_dir, 'monitor')]
-    eps = read_metrics(run_dir, 'epoch')
-    r = dict(name=name, bench=bench, seed=seed, overrides=overrides, method=cfg.method, val_knn=val, random_val_knn=rnd,
-             gain=val - rnd, minutes=minutes, steps=len(read_metrics(run_dir, 'step')), monitor=mon,
-             state=eps[-1].get('state') if eps else None, date=time.strftime('%Y-%m-%d'), threads=threads)
-    if test: r.update(test_knn=tst, random_test_knn=rnd_t)
-    if auroc:
-        from scfs.maps import object_auroc
-        from scfs.evaluate import load_backbone
-        s = object_auroc(load_backbone(run_dir / 'checkpoint_last.pth')[0], data, split='val', n_images=auroc,
-                         global_size=cfg.global_size, local_size=cfg.local_size, n_boot=1000)['summary']
-        r['auroc'] = {l: {k: v[k] for k in ('on', 'off', 'ci_on', 'ci_off', 'n_on', 'n_off')} for l, v in s.items()}
-    _locked_update(path, lambda d: d['runs'].append(r))
-    if not keep: shutil.rmtree(run_dir, ignore_errors=True)
-    log(f"{name} [{bench}] seed {seed}: val kNN {val:.1f} (random init {rnd:.1f}, gain {val - rnd:+.1f}) in {minutes:.1f} min")
-    return r
-
-
-# %% ../nbs/12_experiments.ipynb #c7a1e0b2
-def recipe_rows(results, names=None) -> list[dict]:
-    "One row per (recipe, benchmark): seeds, mean val kNN, mean gain over random init with its 95 % interval, minutes."
-    groups = {}
-    for r in results:
-        if names is None or r['name'] in names: groups.setdefault((r['name'], r['bench']), []).append(r)
-    order = names or list(dict.fromkeys(n for n, _ in groups))
-    rows = []
-    for n in order:
-        for b in BENCHMARKS:
-            rs = groups.get((n, b))
-            if not rs: continue
-            g, h, k = ci95([r['gain'] for r in rs])
-            rows.append(dict(name=n, bench=b, n=k, seeds=sorted(r['seed'] for r in rs), overrides=rs[0]['overrides'],
-                             val_knn=statistics.fmean(r['val_knn'] for r in rs),
-                             random=statistics.fmean(r['random_val_knn'] for r in rs), gain=g, gain_ci=h,
-                             minutes=statistics.fmean(r['minutes'] for r in rs)))
-    return rows
-
-def _pm(m, h, fmt='{:+.1f}'): return '—' if m is None else fmt.format(m) + ('' if h is None else f' ± {h:.1f}')
-
-def recipe_markdown(rows, notes: dict | None = None) -> str:
-    "The recipe table as Markdown (gain = val kNN − random-init val kNN, mean ± 95 % t-interval over seeds)."
-    notes = notes or {}
-    out = ['| recipe | change from `tiny` | benchmark | seeds | val kNN (%) | random init | gain ± 95 % CI | min/run |',
-           '|---|---|---|---|---|---|---|---|']
-    for r in rows:
-        ch = notes.get(r['name']) or (', '.join(f'{k}={v}' for k, v in r['overrides'].items()) or '—')
-        out.append(f"| {r['name']} | {ch} | {r['bench']} | {r['n']} | {r['val_knn']:.1f} | {r['random']:.1f} | "
-                   f"{_pm(r['gain'], r['gain_ci'])} | {r['minutes']:.1f} |")
-    return '\n'.join(out)
-
-
-# %% ../nbs/12_experiments.ipynb #2e71a8e4
-MAIN_JOB = 'nbs/results/main_job.json'
-
-def record_run(run_dir, name: str, path=MAIN_JOB, wall_s: float | None = None) -> dict:
-    """Store a finished `scfs pretrain` run (its results.json, the settings that differ from its preset, the date and
-    machine) under `name` in `path`, replacing an earlier record of that name: prose then quotes the file, not memory."""
-    import platform
-    from scfs.train import get_config
-    rd = Path(run_dir)
-    res, cfg = json.loads((rd / 'results.json').read_text()), json.loads((rd / 'config.json').read_text())
-    base = json.loads(json.dumps(asdict(get_config(cfg['preset'])), default=str))
-    diff = {k: v for k, v in cfg.items() if base.get(k) != v and k not in ('out', 'force', 'progress', 'tensorboard')}
-    eps = [json.loads(l) for l in (rd / 'metrics.jsonl').read_text().splitlines() if '"epoch"' in l and '"type": "epoch"' in l]
-    r = dict(name=name, method=cfg['method'], preset=cfg['preset'], changed=diff, epochs=cfg['epochs'],
-             steps=sum(e.get('iters', 0) for e in eps), **{k: res.get(k) for k in ('knn', 'random_knn', 'val_knn',
-             'random_val_knn', 'epoch_time', 'time')}, wall_s=wall_s, date=time.strftime('%Y-%m-%d'),
-             machine=f'{platform.machine()} {os.cpu_count()} CPU cores', torch=torch.__version__)
-    _locked_update(path, lambda d: d.__setitem__('runs', [x for x in d['runs'] if x['name'] != name] + [r]))
-    return r
-
-def main_job_markdown(path=MAIN_JOB) -> str:
-    "The main-job table (test kNN of `scfs pretrain`, trained vs random init, and its wall time) from `path`."
-    rows = ['| run | data | kNN k=20 on test (%) | random init | gain | val kNN | wall time | date, machine |',
-            '|---|---|---|---|---|---|---|---|']
-    for r in load_results(path):
-        data = r['changed'].get('data', 'shape scenes (default)')
-        wall = r.get('wall_s') or r.get('time') or 0
-        rows.append(f"| `{r['name']}` | {data} | **{r['knn']:.1f}** | {r['random_knn']:.1f} | **{r['knn'] - r['random_knn']:+.1f}** | "
-                    f"{r['val_knn']:.1f} | {int(wall // 60)} min {int(wall % 60):02d} s | {r['date']}, {r['machine']} |")
-    return '\n'.join(rows)
-
-
-# %% ../nbs/12_experiments.ipynb #e1f2a3b4
-README_RECIPES = ('tiny', 'tiny-dino')   # the recipe rows the README shows (07_train shows them all)
-
-def readme_results(results_dir='nbs/results') -> str:
-    "The generated part of the README's Results: every number in it comes from the JSON files in `results_dir`."
-    d = Path(results_dir)
-    parts = ['**The main job** (`scfs pretrain`, tiny preset; from `nbs/results/main_job.json`):', '',
-             main_job_markdown(d / 'main_job.json'), '',
-             '**The preset on two benchmarks**, read on val (gain = val kNN − random-init val kNN, mean ± 95 % t-interval '
-             'over seeds; from `nbs/results/recipes.json`):', '',
-             recipe_markdown(recipe_rows(load_results(d / 'recipes.json'), names=list(README_RECIPES)))]
-    sweep = load_results(d / 'crop_sweep.json')
-    if sweep:
-        rows = crop_sweep_rows(sweep, {l: background_share(sc, n=500) for l, sc in CROP_SWEEP.items()})
-        parts += ['', '**SCFS vs DINO as local crops miss the object more often** (shapes, `tiny` preset with only '
-                  '`local_scale` changed, 25 epochs, kNN on test, mean ± 95 % t-interval over seeds; from '
-                  '`nbs/results/crop_sweep.json`):', '', crop_sweep_markdown(rows), '', '```',
-                  crop_sweep_verdict(rows), '```']
-    return '\n'.join(parts)
 
 
 # %% ../nbs/12_experiments.ipynb #dc14ffec
@@ -418,6 +281,8 @@ def study_plan(quick=False, root='runs/study', results_path=None) -> dict:
 
 STUDY_EPOCHS = 12
 
+
+# %% ../nbs/12_experiments.ipynb #aa12e008
 def _ordered_jobs(plan):
     """Seed by seed, the (DINO, SCFS) pair of every clutter level, then the ablations: a study cut short still has
     paired runs. With two shards (`run_plan(shard=...)`) one runs every DINO job and the other the matching SCFS job."""
@@ -436,6 +301,8 @@ def _sha(mod):
 def _shard_path(path, shard):
     p = Path(path); return p.with_name(f'{p.stem}.shard{shard[0]}of{shard[1]}{p.suffix}')
 
+
+# %% ../nbs/12_experiments.ipynb #aa12e00a
 def run_plan(plan, shard=None, log=print) -> list[dict]:
     """Generate the scenes if needed and run every job of `plan` (resumable). `shard=(i, n)` runs every n-th job
     from the i-th into its own results file (run n processes side by side, then `merge_shards`)."""
@@ -450,7 +317,7 @@ def run_plan(plan, shard=None, log=print) -> list[dict]:
     path = _shard_path(plan['results_path'], shard) if shard else plan['results_path']
     meta = dict(machine=f"{platform.machine()} {os.cpu_count()} CPU cores (torch threads {plan['base'].get('threads') or torch.get_num_threads()})",
                 torch=torch.__version__, started=time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()), plan=plan,
-                code={m: _sha(m) for m in ('train', 'model', 'search', 'losses', 'heads', 'augment', 'evaluate', 'maps')})
+                code={m: _sha(m) for m in ('config', 'loader', 'train', 'model', 'search', 'losses', 'heads', 'augment', 'evaluate', 'maps')})
     if load_results(path): meta['started'] = json.loads(Path(path).read_text())['meta'].get('started', meta['started'])
     jobs = _ordered_jobs(plan)
     if shard: jobs = jobs[shard[0]::shard[1]]
@@ -475,89 +342,9 @@ def merge_shards(plan, n: int = 2) -> list[dict]:
 
 # %% ../nbs/12_experiments.ipynb #87f3aa1f
 def evaluate_random(scenes, size, seeds=(0,), backbone='small', backbone_kw=None) -> dict:
-    "kNN / linear accuracy (%) of random-init backbones (one per seed), evaluated exactly like trained ones."
-    from scfs.evaluate import load_backbone, extract_features, knn_classify, linear_probe
-    out = []
-    for sd in seeds:
-        torch.manual_seed(sd)
-        bb, _ = load_backbone(None, backbone=backbone, backbone_kw=backbone_kw)
-        trf, trl = extract_features(bb, Path(scenes) / 'train', size)
-        tef, tel = extract_features(bb, Path(scenes) / 'test', size)
-        out.append(dict(knn=float(knn_classify(trf, trl, tef, tel, k=20, T=0.07)), linear=float(linear_probe(trf, trl, tef, tel))))
+    "kNN / linear accuracy (%) of random-init backbones (one per seed), evaluated exactly like trained ones (`evaluate_run`)."
+    from scfs.evaluate import knn_checkpoint, linear_checkpoint
+    tr, te, bb = Path(scenes) / 'train', Path(scenes) / 'test', dict(backbone=backbone, backbone_kw=backbone_kw)
+    out = [dict(knn=float(knn_checkpoint(None, tr, te, size, seed=sd, **bb)['acc']),
+                linear=float(linear_checkpoint(None, tr, te, size, seed=sd, **bb)['acc'])) for sd in seeds]
     return {m: _mstd([o[m] for o in out]) for m in ('knn', 'linear')}
-
-# %% ../nbs/12_experiments.ipynb #93a4adc3
-CROP_SWEEP = {'ls0.1': (0.1, 0.4), 'ls0.03': (0.03, 0.12), 'ls0.008': (0.008, 0.03)}   # level -> local_scale (tiny: 0.1-0.4)
-CROP_SWEEP_RESULTS = 'nbs/results/crop_sweep.json'
-
-def background_share(scale, clutter='low', n: int = 300, size: int = 64, seed: int = 0, thresh: float = 0.1) -> float:
-    """Share of local crops drawn at area `scale` (as `RandomResizedCrop`) of which less than `thresh` of the area is
-    the object's box, over `n` generated scenes of `clutter` (8 crops each)."""
-    import numpy as np
-    from scfs.augment import random_resized_boxes, object_fraction
-    from scfs.data import make_scene, scene_style
-    st = scene_style(clutter)
-    obj = torch.tensor([make_scene(np.random.default_rng([seed, 0, i]), size, label=i % 10, **st)[2] for i in range(n)],
-                       dtype=torch.float32)
-    crops = random_resized_boxes(n * 8, size, size, scale, generator=torch.Generator().manual_seed(seed)).view(n, 8, 4)
-    covered = torch.stack([object_fraction(c, b) for c, b in zip(crops, obj)])            # share of the box in each crop
-    box_area = ((obj[:, 2] - obj[:, 0]) * (obj[:, 3] - obj[:, 1]))[:, None]
-    crop_area = (crops[..., 2] - crops[..., 0]) * (crops[..., 3] - crops[..., 1])
-    return (covered * box_area / crop_area < thresh).float().mean().item()
-
-def crop_sweep_jobs(seeds=(0, 1)) -> list:
-    "(name, overrides, seed) of the sweep, seed-major with DINO and SCFS side by side: a sweep cut short has pairs."
-    return [(f'{m}@{lvl}', dict(method=m, local_scale=sc), s) for s in seeds for lvl, sc in CROP_SWEEP.items()
-            for m in ('dino', 'scfs')]
-
-def run_crop_sweep(seeds=(0, 1), shard=(0, 1), path=CROP_SWEEP_RESULTS, **kw):
-    "Run (resumable) every `shard[1]`-th sweep job from the `shard[0]`-th on the shapes: kNN on val and test, AUROC."
-    for i, (n, ov, s) in enumerate(crop_sweep_jobs(seeds)):
-        if i % shard[1] == shard[0]: run_recipe(n, ov, s, 'shapes', path=path, test=True, auroc=64, **kw)
-
-# %% ../nbs/12_experiments.ipynb #95405691
-def crop_sweep_rows(results, shares: dict | None = None) -> list[dict]:
-    """Per level: seeds, test-kNN gain over random init of DINO and SCFS (mean, 95 % half-width) and the paired
-    SCFS − DINO test kNN over the seeds both have (mean, half-width); `shares`: level -> background share; `auroc`:
-    per method the mean over runs of the on-object AUROC of on-object crops per layer (runs that stored one)."""
-    by = {(r['name'], r['seed']): r for r in results if 'test_knn' in r}
-    rows = []
-    for lvl in CROP_SWEEP:
-        g = {m: ci95([r['test_knn'] - r['random_test_knn'] for (n, _), r in by.items() if n == f'{m}@{lvl}'])
-             for m in ('dino', 'scfs')}
-        seeds = sorted(s for (n, s) in by if n == f'dino@{lvl}' and (f'scfs@{lvl}', s) in by)
-        d = ci95([by[(f'scfs@{lvl}', s)]['test_knn'] - by[(f'dino@{lvl}', s)]['test_knn'] for s in seeds])
-        au = {m: [r['auroc'] for (n, _), r in by.items() if n == f'{m}@{lvl}' and r.get('auroc')] for m in ('dino', 'scfs')}
-        au = {m: {l: statistics.fmean(a[l]['on'] for a in v) for l in v[0]} if v else None for m, v in au.items()}
-        rows.append(dict(level=lvl, scale=CROP_SWEEP[lvl], share=(shares or {}).get(lvl), pairs=len(seeds),
-                         dino=g['dino'], scfs=g['scfs'], diff=d, auroc=au))
-    return rows
-
-def crop_sweep_markdown(rows) -> str:
-    out = ['| local crop area | background crops | seed pairs | DINO gain (test) | SCFS gain (test) | SCFS − DINO (paired) '
-           '| AUROC on-object crops, L2/L3/L4: DINO | SCFS |', '|---|---|---|---|---|---|---|---|']
-    au = lambda a: '—' if not a else '/'.join(f'{v:.2f}' for v in a.values())
-    for r in rows:
-        sh = '—' if r['share'] is None else f"{100 * r['share']:.0f} %"
-        out.append(f"| {r['scale'][0]}-{r['scale'][1]} | {sh} | {r['pairs']} | {_pm(*r['dino'][:2])} | "
-                   f"{_pm(*r['scfs'][:2])} | {_pm(*r['diff'][:2])} | {au(r['auroc']['dino'])} | {au(r['auroc']['scfs'])} |")
-    return '\n'.join(out)
-
-# %% ../nbs/12_experiments.ipynb #b0a7c3d1
-def _share(r): return '—' if r['share'] is None else f"{100 * r['share']:.0f} %"
-
-def crop_sweep_verdict(rows, need: float = 10.0, width: float = 1.5) -> str:
-    """One line per level, computed from the intervals: do both methods clear random init by `need` points (lower end
-    of their interval), and is the paired SCFS − DINO interval above, below or across 0 (and within ±`width`)?"""
-    lines = []
-    for r in rows:
-        if not r['pairs']: lines.append(f"{r['level']}: no paired runs yet"); continue
-        learn = all(r[m][0] is not None and r[m][0] - (r[m][1] or 0) >= need for m in ('dino', 'scfs'))
-        m, h, n = r['diff']
-        side = ('cannot be told apart' if h is None or m - h <= 0 <= m + h else
-                'SCFS better' if m - h > 0 else 'DINO better')
-        lines.append(f"{r['level']} ({_share(r)} background crops): "
-                     f"both methods {'≥' if learn else 'NOT ≥'} random init + {need:g} (lower 95 % bound); SCFS − DINO "
-                     f"{_pm(m, h)} over {n} seed pairs: {side}" + ('' if h is not None and h <= width else
-                     f' (interval wider than ±{width:g}: more seeds needed)'))
-    return '\n'.join(lines)

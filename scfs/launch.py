@@ -9,19 +9,13 @@ from pathlib import Path
 import torch
 
 from .data import ensure_scenes
-from .train import get_config, build_model, build_optimizer, clip_gradients, train
+from .evaluate import resolve_device
+from .config import get_config
+from .model import build_model
+from .train import build_optimizer, clip_gradients, train
 
 # %% auto #0
-__all__ = ['torchrun_command', 'measure_throughput', 'gpu_check', 'dist_env', 'is_dist', 'get_rank', 'get_world_size', 'is_main',
-           'barrier', 'resolve_device', 'init_distributed', 'cleanup_distributed', 'all_reduce_mean']
-
-# %% ../nbs/09_gpu_pretraining.ipynb #e589ed2a
-# re-exports (see above): defined in scfs.train and scfs.evaluate, which never import scfs.launch
-from .evaluate import resolve_device
-from .train import (dist_env, is_dist, get_rank, get_world_size, is_main, barrier, init_distributed,
-                        cleanup_distributed, all_reduce_mean)
-_all_ = ['dist_env', 'is_dist', 'get_rank', 'get_world_size', 'is_main', 'barrier', 'resolve_device',
-         'init_distributed', 'cleanup_distributed', 'all_reduce_mean']
+__all__ = ['torchrun_command', 'measure_throughput', 'gpu_check']
 
 # %% ../nbs/09_gpu_pretraining.ipynb #e0e3095e
 def torchrun_command(args: str = 'pretrain --preset resnet50-imagenet', nproc_per_node: int = 8, nnodes: int = 1,

@@ -45,7 +45,7 @@ def test_cli_quick_json(capsys):
     r = json.loads(out)
     for k in KEYS: assert isinstance(r[k], float) and r[k] > 0, k
     for k in ('timings', 'settings', 'device', 'torch', 'threads'): assert k in r
-    from scfs.train import get_config
+    from scfs.config import get_config
     assert r['device'] == 'cpu' and r['torch'] == torch.__version__ and r['threads'] == (get_config('tiny').threads or 1)
     t = r['timings']
     assert t['scfs_step_s'] > 0 and t['dino_step_s'] > 0 and t['bare_step_s'] > 0 and t['loader_images_per_s'] > 0
@@ -84,7 +84,8 @@ def test_format_bench_marks_misses():
 @pytest.mark.parametrize('method', ['scfs', 'dino'])
 def test_bench_times_the_model_scfs_pretrain_trains(method):
     "The benchmark's model is `build_model` of the tiny preset: same modules, parameters and loss terms (issue 14)."
-    from scfs.train import get_config, build_model
+    from scfs.config import get_config
+    from scfs.model import build_model
     s = bench.bench_settings('cpu', quick=True)
     b, t = bench._model(method, s, 'cpu'), build_model(get_config('tiny', method=method))
     assert [(n, type(m).__name__) for n, m in b.named_modules()] == [(n, type(m).__name__) for n, m in t.named_modules()]

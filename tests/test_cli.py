@@ -92,7 +92,7 @@ def test_torchrun_two_processes_cpu_gloo(tmp_path, scenes):
     assert [r['step'] for r in steps if r['type'] == 'step'] == list(range(8))   # 64 images / (2 x 8) = 4 steps x 2 epochs
     assert len(re.findall(r'kNN top-1 on \S*test ', p.stdout)) == 1                # only rank 0 prints and evaluates
     assert p.stdout.count('trained teacher') == p.stdout.count('kNN top-1 on ') == 2   # val and test, once each
-    from scfs.train import load_checkpoint
+    from scfs.runfiles import load_checkpoint
     ck = load_checkpoint(run / 'checkpoint_last.pth')
     assert (ck['epoch'], ck['iteration'], ck['world_size']) == (2, 0, 2)
 

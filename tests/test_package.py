@@ -5,7 +5,7 @@ import pytest
 
 PKG = pathlib.Path(__file__).resolve().parent.parent / 'scfs'
 ALLOWED = {'torch', 'torchvision', 'numpy', 'PIL', 'matplotlib', 'tqdm', 'scfs'}
-OPTIONAL = {'widgets': {'ipywidgets', 'ipyevents', 'IPython'}, 'train': {'torch.utils.tensorboard'}}
+OPTIONAL = {'widgets': {'ipywidgets', 'ipyevents', 'IPython'}, 'runfiles': {'torch.utils.tensorboard'}}
 STDLIB = set(sys.stdlib_module_names)
 MODULES = sorted(p for p in PKG.glob('*.py') if p.name not in ('__init__.py', '_modidx.py'))
 
@@ -109,14 +109,14 @@ def test_cycle_check_can_fail(tmp_path):
     assert import_graph(pkg)['c'] == {'d'}
 
 def test_cli_sub_command_modules_are_in_the_graph():
-    assert {'data', 'train', 'evaluate', 'maps', 'bench'} <= import_graph()['cli']
+    assert {'data', 'pretrain', 'evaluate', 'maps', 'bench'} <= import_graph()['cli']
 
 
 ROOT = PKG.parent
 
 def test_readme_results_are_generated_from_the_stored_runs():
     "README's Results block is what `readme_results` renders from nbs/results/*.json today; a hand-edited number fails."
-    from scfs.experiments import readme_results
+    from scfs.recipes import readme_results
     block = readme_results(ROOT / 'nbs' / 'results')
     readme = (ROOT / 'README.md').read_text()
     assert '| run |' in block and '| recipe |' in block

@@ -1,4 +1,4 @@
-"Tests of scfs.train: config/presets, schedules, exact resume after SIGKILL, NaN stop, run-folder protection."
+"Tests of training (scfs.config, scfs.loader, scfs.runfiles, scfs.train): config/presets, schedules, exact resume after SIGKILL, NaN stop, run-folder protection."
 import json, math, os, signal, subprocess, sys
 from dataclasses import asdict
 from pathlib import Path
@@ -7,8 +7,11 @@ import pytest
 import torch
 
 from scfs.data import ScfsError, generate_scenes
-from scfs.train import (Config, PRESETS, get_config, config_from_dict, cosine_schedule, make_schedules, train,
-                        read_metrics, load_checkpoint, ResumableSampler, SeededDataset)
+from scfs.config import Config, PRESETS, get_config, config_from_dict
+from scfs.model import cosine_schedule
+from scfs.runfiles import read_metrics, load_checkpoint
+from scfs.loader import ResumableSampler, SeededDataset
+from scfs.train import make_schedules, train
 
 SMALL = dict(epochs=2, batch_size=16, n_local=2, out_dim=128, head_hidden=64, head_bottleneck=32, layer_out_dim=32,
              backbone_kw={'widths': [8, 16, 32, 64]}, global_size=32, local_size=16, warmup_epochs=0, workers=0,
@@ -67,7 +70,7 @@ def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, scenes, loader):
     # the same run in a subprocess that SIGKILLs itself right after step 4 (mid epoch 0; last save after 4 iterations,
     # so step 4 is lost and redone)
     cfg_b = asdict(_run_cfg(tmp_path, scenes, 'b', save_every_iters=2, loader=loader))
-    code = ('import json, sys; from scfs.train import config_from_dict, train; '
+    code = ('import json, sys; from scfs.config import config_from_dict; from scfs.train import train; '
             'train(config_from_dict(json.loads(sys.argv[1])))')
     p = subprocess.run([sys.executable, '-c', code, json.dumps(cfg_b)], capture_output=True, text=True,
                        env={**os.environ, 'SCFS_DEBUG_KILL_AT_STEP': '4'}, timeout=300)
@@ -111,7 +114,8 @@ def test_online_monitor_logs_knn_and_collapse_state(tmp_path, scenes, capsys):
     assert 'kNN' in out
     # the monitor's queries are the val split: the first reading is the untrained teacher on val (a fresh model with
     # the same seed gives the same number), the last one the final teacher's
-    from scfs.train import KnnMonitor, build_model
+    from scfs.model import build_model
+    from scfs.train import KnnMonitor
     from scfs.evaluate import load_backbone, knn_checkpoint
     cfg = _run_cfg(tmp_path, scenes, 'm2')
     torch.manual_seed(cfg.seed); fresh = build_model(cfg)
@@ -131,11 +135,12 @@ def test_online_monitor_logs_knn_and_collapse_state(tmp_path, scenes, capsys):
 def test_monitor_without_val_holds_out_part_of_train(tmp_path, scenes):
     "A labelled folder with train/ and test/ only: the monitor's queries are train images outside its memory bank, never test."
     import shutil
-    from scfs.train import KnnMonitor, _resolve_data
+    from scfs.loader import resolve_data
+    from scfs.train import KnnMonitor
     d = tmp_path / 'noval'
     for s in ('train', 'test'): shutil.copytree(scenes / s, d / s)
     cfg = _run_cfg(tmp_path, d, 'x')
-    tr, ktr, kva, val = _resolve_data(cfg)
+    tr, ktr, kva, val = resolve_data(cfg)
     assert (tr, ktr, kva, val) == (d / 'train', d / 'train', d / 'test', None)
     mon = KnnMonitor(ktr, val, 32, n=40)
     assert mon.source == 'held-out train' and (len(mon.train), len(mon.val)) == (40, 20)
@@ -145,7 +150,7 @@ def test_monitor_without_val_holds_out_part_of_train(tmp_path, scenes):
     tests = torch.stack([x for x, _ in KnnMonitor._subset(d / 'test', 32, 40, 0)]).flatten(1)
     assert torch.cdist(qry, tests).min() > 0                     # and none is a test image
     # scenes with a val split: the monitor reads it
-    assert _resolve_data(_run_cfg(tmp_path, scenes, 'y'))[3] == scenes / 'val'
+    assert resolve_data(_run_cfg(tmp_path, scenes, 'y'))[3] == scenes / 'val'
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, scenes, monkeypatch):
@@ -179,7 +184,7 @@ def test_run_folder_is_protected(tmp_path, scenes):
 
 def test_gpu_presets_keep_the_official_recipe_where_tiny_departs():
     "The tiny preset's CPU remedies (head BN, SK centring, KoLeo, search weight, hue jitter, frozen prototypes) must not leak into the official presets."
-    from scfs.train import get_config
+    from scfs.config import get_config
     tiny = get_config('tiny')
     assert tiny.head_bn and tiny.centering == 'sinkhorn' and tiny.koleo_weight > 0 and tiny.layer_weights == (0.03,) * 3
     for name in ('resnet18', 'resnet50-imagenet'):

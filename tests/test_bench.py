@@ -4,7 +4,7 @@ import pytest, torch
 from scfs import bench
 from scfs.cli import main
 
-KEYS = ('search_over_floor', 'search_speedup', 'scfs_over_dino_step', 'step_over_bare', 'loader_over_step')
+KEYS = ('search_over_floor', 'search_speedup', 'scfs_over_dino_step', 'step_over_bare', 'loader_over_step', 'batch_over_v2_loader')
 
 
 def test_time_interleaved_counts_and_order():
@@ -57,6 +57,8 @@ def test_cli_quick_json(capsys):
     assert abs(r['search_speedup'] - t['search_loop_s'] / t['search_vectorised_s']) < 1e-9
     assert abs(r['search_over_floor'] - t['search_vectorised_s'] / t['search_write_floor_s']) < 1e-9
     assert r['settings']['batch'] == 4 and t['loader_images'] == 12  # 4 batches of 4, the first is warm-up
+    b, v = t['batch_loader_images_per_s'], t['v2_loader_images_per_s']   # one repeat: the ratio is the two rates' ratio
+    assert abs(r['batch_over_v2_loader'] - b / v) < 1e-6 * b / v
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='checks the no-GPU error path')
@@ -73,11 +75,11 @@ def test_cli_rejects_batch_of_one(capsys):
 
 def test_format_bench_marks_misses():
     r = dict(search_over_floor=1.1, search_speedup=10.0, scfs_over_dino_step=2.0, step_over_bare=1.0, loader_over_step=3.0,
-             device='cpu', device_name='x', torch='t', threads=2, quick=True,
+             batch_over_v2_loader=4.0, device='cpu', device_name='x', torch='t', threads=2, quick=True,
              timings=dict(scfs_step_s=.2, dino_step_s=.1, bare_step_s=.2, loader_images_per_s=100., step_images_per_s=40.,
                           scfs_over_dino_step_range=[1.5, 2.5], step_pairs=7))
     s = bench.format_bench(r)
-    assert 'scfs_over_dino_step' in s and s.count('MISSED') == 1 and s.count(' ok') == 4
+    assert 'scfs_over_dino_step' in s and s.count('MISSED') == 1 and s.count(' ok') == 5
     assert 'range 1.50-2.50 over 7 pairs' in s and 'search_speedup' in s and '(GPU)' in s
 
 

@@ -12,12 +12,13 @@ from torchvision.ops import roi_align
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 from PIL import Image
-from .data import to_rgb
+from .images import to_rgb
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'denormalize', 'RandomBlur', 'MultiCrop', 'multicrop_collate', 'eval_transform',
-           'show_multicrop', 'object_fraction', 'random_resized_boxes', 'crop_boxes', 'colour_jitter_matrices',
-           'gaussian_blur_batch', 'BatchMultiCrop', 'local_crop_coverage', 'clutter_stats']
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'denormalize', 'RandomBlur', 'dino_photometric', 'MultiCrop', 'multicrop_collate',
+           'eval_transform', 'show_multicrop', 'object_fraction', 'random_resized_boxes', 'crop_boxes',
+           'colour_jitter_matrices', 'gaussian_blur_batch', 'BatchPhotometric', 'BatchMultiCrop', 'local_crop_coverage',
+           'clutter_stats']
 
 # %% ../nbs/01_augment.ipynb #4d355cdf
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -39,6 +40,19 @@ class RandomBlur:
         return F.gaussian_blur(img, [k, k], [s, s])
     def __repr__(self): return f'RandomBlur(p={self.p}, sigma=({self.sigma[0]:.3g}, {self.sigma[1]:.3g}))'
 
+# %% ../nbs/01_augment.ipynb #39c2385d
+def dino_photometric(global_size: int = 224, local_size: int = 96, blur_sigma=(0.1, 2.0), jitter=(0.4, 0.4, 0.2, 0.1),
+                     p_jitter: float = 0.8, p_grey: float = 0.2) -> tuple:
+    "DINO's photometric transforms of (global view 1, global view 2, local crops), for float images in [0, 1]."
+    b, c, s, h = jitter                                   # DINO: 0.4, 0.4, 0.2, 0.1 with p 0.8, greyscale p 0.2
+    colour = [v2.RandomApply([v2.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h)], p=p_jitter),
+              v2.RandomGrayscale(p=p_grey)]
+    gs = tuple(s * global_size / 224 for s in blur_sigma)
+    ls = tuple(s * local_size / 96 for s in blur_sigma)
+    return (v2.Compose(colour + [RandomBlur(1.0, gs)]),
+            v2.Compose(colour + [RandomBlur(0.1, gs), v2.RandomSolarize(threshold=128 / 255, p=0.2)]),
+            v2.Compose(colour + [RandomBlur(0.5, ls)]))
+
 # %% ../nbs/01_augment.ipynb #8b607f03
 class MultiCrop:
     "DINO multi-crop that also returns each crop's box (x0, y0, x1, y1) in source pixels and its flip."
@@ -49,14 +63,7 @@ class MultiCrop:
         self.global_size, self.local_size, self.n_local = int(global_size), int(local_size), int(n_local)
         self.global_scale, self.local_scale, self.ratio = tuple(global_scale), tuple(local_scale), tuple(ratio)
         self.photometric, self.mean, self.std = photometric, list(mean), list(std)
-        b, c, s, h = jitter                                   # DINO: 0.4, 0.4, 0.2, 0.1 with p 0.8, greyscale p 0.2
-        colour = [v2.RandomApply([v2.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h)], p=p_jitter),
-                  v2.RandomGrayscale(p=p_grey)]
-        gs = tuple(s * self.global_size / 224 for s in blur_sigma)
-        ls = tuple(s * self.local_size / 96 for s in blur_sigma)
-        self.global1 = v2.Compose(colour + [RandomBlur(1.0, gs)])
-        self.global2 = v2.Compose(colour + [RandomBlur(0.1, gs), v2.RandomSolarize(threshold=128 / 255, p=0.2)])
-        self.local = v2.Compose(colour + [RandomBlur(0.5, ls)])
+        self.global1, self.global2, self.local = dino_photometric(global_size, local_size, blur_sigma, jitter, p_jitter, p_grey)
 
     @property
     def n_crops(self): return 2 + self.n_local
@@ -203,28 +210,14 @@ def gaussian_blur_batch(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> to
     y = F_nn.conv2d(F_nn.pad(y, (0, 0, r, r), mode='reflect'), k.view(B * C, 1, -1, 1), groups=B * C)
     return y.view(B, C, H, W)
 
-# %% ../nbs/01_augment.ipynb #1204bda4
-class BatchMultiCrop:
-    """`MultiCrop` for a whole batch of same-size images at once (uint8 tensor (B,3,S,S) on any device): same crops, boxes,
-    flips and photometric recipe, drawn from a `torch.Generator` so a batch is a function of its seed."""
-    def __init__(self, global_size: int = 224, local_size: int = 96, n_local: int = 8, global_scale=(0.25, 1.0),
-                 local_scale=(0.05, 0.25), photometric: bool = True, blur_sigma=(0.1, 2.0), ratio=(3 / 4, 4 / 3),
-                 jitter=(0.4, 0.4, 0.2, 0.1), p_jitter: float = 0.8, p_grey: float = 0.2, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-        self.global_size, self.local_size, self.n_local = int(global_size), int(local_size), int(n_local)
-        self.global_scale, self.local_scale, self.ratio = tuple(global_scale), tuple(local_scale), tuple(ratio)
-        self.photometric, self.blur_sigma, self.jitter = photometric, tuple(blur_sigma), tuple(jitter)
-        self.p_jitter, self.p_grey = p_jitter, p_grey
-        self.mean, self.std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
-        # (size, scale, blur probability, blur sigma scale, solarize probability) per view: DINO's recipe
-        self.plan = ([(self.global_size, self.global_scale, 1.0, self.global_size / 224, 0.0),
-                      (self.global_size, self.global_scale, 0.1, self.global_size / 224, 0.2)] +
-                     [(self.local_size, self.local_scale, 0.5, self.local_size / 96, 0.0)] * self.n_local)
+# %% ../nbs/01_augment.ipynb #f60fd354
+class BatchPhotometric:
+    "DINO's photometric ops for a batch of crops in [0, 1], drawn from a `torch.Generator`: colour jitter, greyscale, blur, solarize."
+    def __init__(self, jitter=(0.4, 0.4, 0.2, 0.1), p_jitter: float = 0.8, p_grey: float = 0.2, blur_sigma=(0.1, 2.0)):
+        self.jitter, self.p_jitter, self.p_grey, self.blur_sigma = tuple(jitter), p_jitter, p_grey, tuple(blur_sigma)
 
-    @property
-    def n_crops(self): return 2 + self.n_local
-
-    def photometric_ops(self, x, p_blur, sigma_scale, p_solarize, g):
-        "Colour jitter (p 0.8), greyscale (p 0.2), blur, solarize of a batch of crops in [0, 1]."
+    def __call__(self, x, p_blur, sigma_scale, p_solarize, g):
+        "Colour jitter, greyscale, blur (p `p_blur`, sigmas times `sigma_scale`) and solarization (p `p_solarize`) of `x` (B,3,h,w)."
         B, dev = len(x), x.device
         u = lambda: torch.rand(B, generator=g)
         (bj, cj, sj, hj), on = self.jitter, u() < self.p_jitter
@@ -242,6 +235,25 @@ class BatchMultiCrop:
             x = torch.where(blur.to(dev).view(B, 1, 1, 1), y, x)
         sol = (u() < p_solarize).to(dev).view(B, 1, 1, 1)
         return torch.where(sol & (x >= 0.5), 1 - x, x)
+
+# %% ../nbs/01_augment.ipynb #1204bda4
+class BatchMultiCrop:
+    """`MultiCrop` for a whole batch of same-size images at once (uint8 tensor (B,3,S,S) on any device): same crops, boxes,
+    flips and photometric recipe, drawn from a `torch.Generator` so a batch is a function of its seed."""
+    def __init__(self, global_size: int = 224, local_size: int = 96, n_local: int = 8, global_scale=(0.25, 1.0),
+                 local_scale=(0.05, 0.25), photometric: bool = True, blur_sigma=(0.1, 2.0), ratio=(3 / 4, 4 / 3),
+                 jitter=(0.4, 0.4, 0.2, 0.1), p_jitter: float = 0.8, p_grey: float = 0.2, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        self.global_size, self.local_size, self.n_local = int(global_size), int(local_size), int(n_local)
+        self.global_scale, self.local_scale, self.ratio = tuple(global_scale), tuple(local_scale), tuple(ratio)
+        self.photometric, self.photometric_ops = photometric, BatchPhotometric(jitter, p_jitter, p_grey, blur_sigma)
+        self.mean, self.std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+        # (size, scale, blur probability, blur sigma scale, solarize probability) per view: DINO's recipe
+        self.plan = ([(self.global_size, self.global_scale, 1.0, self.global_size / 224, 0.0),
+                      (self.global_size, self.global_scale, 0.1, self.global_size / 224, 0.2)] +
+                     [(self.local_size, self.local_scale, 0.5, self.local_size / 96, 0.0)] * self.n_local)
+
+    @property
+    def n_crops(self): return 2 + self.n_local
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> dict:
         "uint8 (B,3,S,S) -> dict(crops=[(B,3,s,s)] * n_crops normalised, boxes=(B,n_crops,4), flips=(B,n_crops)) like `multicrop_collate`."

@@ -12,7 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .data import ScfsError, ImageDataset, load_images
+from .core import ScfsError, atomic_write
+from .images import ImageDataset, load_images
 from .augment import eval_transform, BatchMultiCrop
 from .backbone import build_backbone, MultiLayerBackbone, backbone_state_dict_for_export
 
@@ -191,12 +192,10 @@ def export_backbone(checkpoint, out, which: str = 'teacher') -> Path:
     sd = backbone_state_dict_for_export(bb)
     out = Path(out)
     if out.is_dir() or str(out).endswith(os.sep): out = out / f"{info.get('backbone', 'backbone')}-{which}.pth"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f'.{out.name}.tmp{os.getpid()}')
-    torch.save(sd, tmp); os.replace(tmp, out)
+    atomic_write(out, lambda f: torch.save(sd, f))
     side = dict(backbone=info.get('backbone', 'small'), backbone_kw=info.get('backbone_kw') or {},
                 eval_size=info.get('eval_size'), which=which, source=info.get('source'), fc='untrained (fresh init)')
-    out.with_suffix('.json').write_text(json.dumps(side, indent=1))
+    atomic_write(out.with_suffix('.json'), json.dumps(side, indent=1))
     return out
 
 # %% ../nbs/08_evaluate.ipynb #c5f257ab
@@ -239,6 +238,7 @@ def _cli_export(args):
     print(f'wrote {out} (torchvision-style state_dict; load with strict=True) and {out.with_suffix(".json")}')
     return 0
 
+# %% ../nbs/08_evaluate.ipynb #b5de05a0
 def add_cli(sub):
     "Register `scfs knn`, `scfs linear` and `scfs export`."
     p = sub.add_parser('knn', help='weighted kNN accuracy of a checkpoint (DINO protocol)',

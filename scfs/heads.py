@@ -12,6 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import weight_norm
 
+_CL = torch.channels_last   # the memory format of the teacher's search heads (no autograd)
+
 # %% ../nbs/04_heads.ipynb #b58ab8db
 def _trunc_normal_init(m: nn.Module):
     "DINO's init: truncated normal (std .02) for Linear weights, zero bias."
@@ -60,8 +62,6 @@ def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer:
         if "last_layer" in n: p.grad = None
 
 # %% ../nbs/04_heads.ipynb #576c2356
-_CL = torch.channels_last
-
 class SearchHead(nn.Module):
     """Per-layer head: residual bottleneck (C->d->d->C) -> GAP -> Linear C->hidden -> BN -> ReLU -> Linear hidden->out -> BN -> L2 norm.
     `bottleneck` d: None -> C/4 (at least 8; the official code uses 256 for every layer). `init`: 'kaiming' (default:
@@ -75,12 +75,10 @@ class SearchHead(nn.Module):
         self.conv2 = nn.Conv2d(d, d, 3, padding=1, bias=False); self.bn2 = nn.BatchNorm2d(d)
         self.conv3 = nn.Conv2d(d, channels, 1, bias=False); self.bn3 = nn.BatchNorm2d(channels)
         self.relu = nn.ReLU(inplace=True)
-        self.projector = nn.Sequential(
-            nn.Linear(channels, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
-            nn.Linear(hidden_dim, out_dim), nn.BatchNorm1d(out_dim))
-        for m in self.modules():
-            if init == 'kaiming' and isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        self.projector = nn.Sequential(nn.Linear(channels, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+                                       nn.Linear(hidden_dim, out_dim), nn.BatchNorm1d(out_dim))
+        if init == 'kaiming':
+            for conv in (self.conv1, self.conv2, self.conv3): nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
         self.channels, self.out_dim, self.hidden_dim, self.bottleneck, self.init = channels, out_dim, hidden_dim, d, init
 
     def block(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,23 +98,28 @@ class SearchHead(nn.Module):
         "(N, C, H, W) feature maps -> (N, out_dim) L2-normalised embeddings."
         return self.embed(self.block(x))
 
-    def forward_searched(self, keys: torch.Tensor, maps: torch.Tensor, searched: torch.Tensor | None = None,
-                         views: int = 1) -> torch.Tensor:
-        """Same result as `forward(searched)` for searched features S[v,i,b] = maps[v,i,b] * keys[v*B+b], as returned
-        by `search_features` (`keys` (views*B, C, H, W): the raw maps of the searched global views; `maps` (views*n*B, H, W),
-        crop-major). S is never read: the first 1x1 conv is linear without bias, so conv1(A * F) = A * conv1(F) runs once
-        per global view instead of once per local crop, and the residual adds A * F on the fly (`searched`, if given, is
-        only checked for its shape)."""
-        VB, C, H, W = keys.shape
-        B, n = VB // views, maps.shape[0] // VB
-        if B * views != VB or n * VB != maps.shape[0]: raise ValueError("keys/maps rows do not match views * n * B")
-        if searched is not None and searched.shape != (maps.shape[0], C, H, W): raise ValueError("searched has the wrong shape")
-        keys = keys.contiguous(memory_format=_CL)
-        kp = keys.permute(0, 2, 3, 1).unflatten(0, (views, 1, B))             # (views, 1, B, H, W, C), a view
-        a = maps.view(views, n, B, H, W, 1).to(keys.dtype)
-        k1 = self.conv1(keys).contiguous(memory_format=_CL).permute(0, 2, 3, 1).unflatten(0, (views, 1, B))
-        h = (k1 * a).flatten(0, 2).permute(0, 3, 1, 2)                        # A * conv1(F): (views*n*B, d, H, W), NHWC
-        out = self.relu(self.bn2(self.conv2(self.relu(self.bn1(h)))))
-        out = self.bn3(self.conv3(out))
-        out.permute(0, 2, 3, 1).unflatten(0, (views, n, B)).addcmul_(a, kp)    # out += A * F, in place, without S
-        return self.embed(self.relu(out))
+    def forward_searched(self, keys, maps, searched=None, views: int = 1) -> torch.Tensor:
+        "`forward(searched)` for the searched features of `search_features`, computed without them (`_forward_searched`)."
+        return _forward_searched(self, keys, maps, searched, views)
+
+# %% ../nbs/04_heads.ipynb #55f00c4d
+def _forward_searched(head: SearchHead, keys: torch.Tensor, maps: torch.Tensor, searched: torch.Tensor | None = None,
+                      views: int = 1) -> torch.Tensor:
+    """Same result as `forward(searched)` for searched features S[v,i,b] = maps[v,i,b] * keys[v*B+b], as returned
+    by `search_features` (`keys` (views*B, C, H, W): the raw maps of the searched global views; `maps` (views*n*B, H, W),
+    crop-major). S is never read: the first 1x1 conv is linear without bias, so conv1(A * F) = A * conv1(F) runs once
+    per global view instead of once per local crop, and the residual adds A * F on the fly (`searched`, if given, is
+    only checked for its shape)."""
+    VB, C, H, W = keys.shape
+    B, n = VB // views, maps.shape[0] // VB
+    if B * views != VB or n * VB != maps.shape[0]: raise ValueError("keys/maps rows do not match views * n * B")
+    if searched is not None and searched.shape != (maps.shape[0], C, H, W): raise ValueError("searched has the wrong shape")
+    keys = keys.contiguous(memory_format=_CL)
+    kp = keys.permute(0, 2, 3, 1).unflatten(0, (views, 1, B))             # (views, 1, B, H, W, C), a view
+    a = maps.view(views, n, B, H, W, 1).to(keys.dtype)
+    k1 = head.conv1(keys).contiguous(memory_format=_CL).permute(0, 2, 3, 1).unflatten(0, (views, 1, B))
+    h = (k1 * a).flatten(0, 2).permute(0, 3, 1, 2)                        # A * conv1(F): (views*n*B, d, H, W), NHWC
+    out = head.relu(head.bn2(head.conv2(head.relu(head.bn1(h)))))
+    out = head.bn3(head.conv3(out))
+    out.permute(0, 2, 3, 1).unflatten(0, (views, n, B)).addcmul_(a, kp)    # out += A * F, in place, without S
+    return head.embed(head.relu(out))

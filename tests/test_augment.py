@@ -5,7 +5,8 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 from scfs.augment import MultiCrop, multicrop_collate, eval_transform, denormalize, IMAGENET_MEAN, IMAGENET_STD
-from scfs.data import make_scene, load_photo
+from scfs.shapes import make_scene
+from scfs.images import load_photo
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -113,7 +114,8 @@ def test_collate_is_crop_major():
 
 
 def test_dataloader_workers(tmp_path):
-    from scfs.data import generate_scenes, ImageDataset
+    from scfs.data import generate_scenes
+    from scfs.images import ImageDataset
     out = generate_scenes(tmp_path / 's', 8, 0, size=32, workers=0)
     dl = torch.utils.data.DataLoader(ImageDataset(out / 'train', transform=MultiCrop(28, 14, 2)), batch_size=4,
                                      num_workers=1, collate_fn=multicrop_collate)
@@ -145,7 +147,7 @@ def test_object_fraction():
 def test_clutter_levels_order_the_share_of_object_free_local_crops():
     "More clutter (smaller objects) must mean more local crops that miss the object: the x-axis of the clutter study."
     from scfs.augment import clutter_stats
-    from scfs.data import CLUTTER, DEFAULT_CLUTTER
+    from scfs.shapes import CLUTTER, DEFAULT_CLUTTER
     assert DEFAULT_CLUTTER in CLUTTER
     s = {l: clutter_stats(l, n=60, scale=(0.1, 0.4)) for l in ('low', 'medium', 'high')}
     assert s['low']['object_area'] > s['medium']['object_area'] > s['high']['object_area']

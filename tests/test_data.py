@@ -1,18 +1,30 @@
-"Tests for scfs.data: clutter scenes (determinism, layout, boxes), robust ImageDataset, photos, CLI."
+"Tests for the data modules: scfs.shapes (clutter scenes), scfs.data (scene folders, CLI), scfs.images (robust ImageDataset, photos), scfs.core."
 import io, json, warnings
 from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from scfs import data as D
-from scfs.data import _SPLITS, ScfsError, ImageDataset, generate_scenes, ensure_scenes, load_boxes, make_scene, SCENE_CLASSES
+from scfs import core, images
+from scfs.core import ScfsError
+from scfs.shapes import make_scene, SCENE_CLASSES
+from scfs.images import ImageDataset
+from scfs.data import _SPLITS, generate_scenes, ensure_scenes, load_boxes
 
 
 @pytest.mark.parametrize('val,expected', [('', False), ('0', False), ('false', False), ('1', True), ('true', True)])
 def test_quick_mode(monkeypatch, val, expected):
     for k in ('CI', 'IN_TEST', 'SCFS_QUICK'): monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv('SCFS_QUICK', val)
-    assert D.quick_mode() is expected
+    assert core.quick_mode() is expected
+
+
+def test_data_keeps_the_names_the_package_imports_from_it():
+    "scfs.data sits on top of core, shapes, images and digits, and still exports what other modules import from it."
+    import scfs.data as D, scfs.shapes, scfs.digits
+    assert (D.ScfsError, D.quick_mode, D.atomic_write) == (core.ScfsError, core.quick_mode, core.atomic_write)
+    assert (D.ImageDataset, D.load_images, D.sample_photos) == (images.ImageDataset, images.load_images, images.sample_photos)
+    assert (D.make_scene, D.CLUTTER, D.DEFAULT_CLUTTER) == (scfs.shapes.make_scene, scfs.shapes.CLUTTER, scfs.shapes.DEFAULT_CLUTTER)
+    assert D.make_digit_scene is scfs.digits.make_digit_scene and callable(D.add_cli)
 
 
 def test_make_scene_deterministic_and_boxed():
@@ -185,12 +197,12 @@ def test_scenes_load_with_boxes(tmp_path):
 
 
 def test_sample_photos():
-    photos = D.sample_photos()
+    photos = images.sample_photos()
     assert {p.stem for p in photos} >= {'chelsea', 'coffee', 'astronaut', 'rocket'}
     for p in photos:
-        im = D.load_photo(p.stem)
+        im = images.load_photo(p.stem)
         assert im.mode == 'RGB' and max(im.size) <= 512 and min(im.size) >= 200
-    with pytest.raises(ScfsError): D.load_photo('does-not-exist')
+    with pytest.raises(ScfsError): images.load_photo('does-not-exist')
 
 
 def test_cli_scenes(tmp_path, capsys):

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from scfs.data import ScfsError
+from scfs.core import ScfsError
 from scfs.evaluate import knn_eval, knn_classify, linear_probe, load_backbone, export_backbone, extract_features
 from scfs.backbone import SmallResNet
 
@@ -48,7 +48,8 @@ def test_linear_probe_learns_and_fails_on_noise():
 
 
 def _fake_checkpoint(path, backbone, **kw):
-    from scfs.train import get_config, build_model
+    from scfs.config import get_config
+    from scfs.model import build_model
     cfg = get_config('tiny', backbone=backbone, out_dim=64, head_hidden=32, head_bottleneck=16, layer_out_dim=16, **kw)
     torch.manual_seed(0)
     m = build_model(cfg)

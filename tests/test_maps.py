@@ -6,12 +6,14 @@ import torch
 from PIL import Image
 
 from scfs.backbone import build_backbone
-from scfs.data import ScfsError, make_scene
+from scfs.core import ScfsError
+from scfs.shapes import make_scene
 from scfs.search import search_features
-import scfs.maps
-from scfs.maps import (attention_on_object, box_fraction_map, source_to_view, view_to_source, clip_box, search_maps,
-                       sample_views, best_location, object_scores, load_image, maps_figure, add_cli, LAYERS,
-                       map_auroc, box_mask, bootstrap_ci, crop_kind, scene_split, object_auroc, format_auroc)
+import scfs.scores
+from scfs.maps import (source_to_view, view_to_source, clip_box, search_maps, sample_views, best_location, load_image,
+                       maps_figure, add_cli, LAYERS)
+from scfs.scores import (attention_on_object, box_fraction_map, object_scores, map_auroc, box_mask, bootstrap_ci,
+                         crop_kind, scene_split, object_auroc, format_auroc)
 
 torch.set_num_threads(2)
 
@@ -215,8 +217,8 @@ def _spy_maps(monkeypatch, sign):
         K, S = local_crops.shape[0], seen['S']
         return {l: sign * box_fraction_map((S // s, S // s), seen['obj'], S).float()[None].repeat(K, 1, 1)
                 for l, s in zip(layers, (4, 8, 16))}
-    monkeypatch.setattr(scfs.maps, 'source_to_view', spy)
-    monkeypatch.setattr(scfs.maps, 'search_maps', fake)
+    monkeypatch.setattr(scfs.scores, 'source_to_view', spy)
+    monkeypatch.setattr(scfs.scores, 'search_maps', fake)
 
 
 @pytest.mark.parametrize('sign,expect', [(1, 1.0), (-1, 0.0), (0, 0.5)])

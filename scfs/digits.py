@@ -16,7 +16,7 @@ __all__ = ['DIGIT_CLASSES', 'DIGIT_CLUTTER', 'make_digit_scene']
 
 # %% ../nbs/00c_digits.ipynb #75421409
 DIGIT_CLASSES = ['zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine']
-DIGIT_CLUTTER = dict(object_size=(0.3, 0.5), distractors=(1, 3))
+DIGIT_CLUTTER = dict(object_size=(0.3, 0.5), distractors=(1, 3), ground='photo')
 _DIGIT_POOLS = {'train': (0.0, 0.6), 'val': (0.6, 0.8), 'test': (0.8, 1.0)}   # disjoint digit instances per split
 
 def _data_dir() -> Path:
@@ -66,24 +66,33 @@ def _photo_patch(rng, size: int, grey_tint: bool = True) -> np.ndarray:
         a = mix * lum * tint + (1 - mix) * a
     return np.clip(a, 0, 255)
 
+def _flat_patch(rng, size: int) -> np.ndarray:
+    "One random flat colour, size x size: the `ground='flat'` diagnostic, with no texture at all."
+    return np.broadcast_to(rng.uniform(0, 255, 3).astype(np.float32), (size, size, 3)).copy()
+
+_GROUNDS = {'photo': _photo_patch, 'flat': _flat_patch}
+
 # %% ../nbs/00c_digits.ipynb #8b5e30c9
 def make_digit_scene(rng: np.random.Generator, size: int = 64, label: int | None = None, split: str = 'train',
-                     object_size=(0.3, 0.5), distractors=(1, 3)):
+                     object_size=(0.3, 0.5), distractors=(1, 3), ground: str = 'photo'):
     """One *digit scene* -> (PIL RGB image, label, tight object box): a handwritten digit (from the split's own pool),
     coloured, rotated and scaled to `object_size` of the side, on a crop of a real photo or texture, among
     `distractors` patches of other photos. Unlike the shape scenes: another object source, real-photo backgrounds,
-    smaller objects."""
+    smaller objects. `ground='flat'` (a diagnostic, not the benchmark): background and distractors of one flat colour
+    each instead of photo crops."""
+    if ground not in _GROUNDS: raise ScfsError(f"ground must be one of {', '.join(_GROUNDS)}, not {ground!r}")
+    patch = _GROUNDS[ground]
     if label is None: label = int(rng.integers(10))
     x, _ = _digits()
     pool = _digit_pool(split, label)
     digit = x[pool[rng.integers(len(pool))]]
-    img = _photo_patch(rng, size)
+    img = patch(rng, size)
     for _ in range(int(rng.integers(distractors[0], distractors[1] + 1))):
         r = size * rng.uniform(0.08, 0.18)
         m = _poly_mask(_distractor_polys(rng), size, rng.uniform(0, size, 2), r, rng.uniform(0, 2 * np.pi))
         if (reg := _region(m)) is not None:
             y0, y1, x0, x1 = reg
-            img = _paste(img, _photo_patch(rng, size)[y0:y1, x0:x1], m, reg)
+            img = _paste(img, patch(rng, size)[y0:y1, x0:x1], m, reg)
     side = int(round(size * rng.uniform(*object_size)))
     d = Image.fromarray((digit * 255).astype(np.uint8)).resize((side, side), Image.BICUBIC)
     d = d.rotate(float(rng.uniform(-20, 20)), resample=Image.BICUBIC)

@@ -19,7 +19,8 @@ from .backbone import build_backbone, MultiLayerBackbone, backbone_state_dict_fo
 
 # %% auto #0
 __all__ = ['load_backbone', 'resolve_device', 'extract_features', 'knn_eval', 'knn_classify', 'linear_probe',
-           'supervised_ceiling', 'knn_checkpoint', 'linear_checkpoint', 'export_backbone', 'add_cli']
+           'supervised_ceiling', 'labelled_features', 'knn_checkpoint', 'linear_checkpoint', 'KnnMonitor',
+           'export_backbone', 'add_cli']
 
 # %% ../nbs/08_evaluate.ipynb #d1985506
 def _resolve_ckpt(checkpoint) -> Path:
@@ -157,15 +158,19 @@ def supervised_ceiling(train, test, size: int = 32, steps: int = 2000, batch_siz
     return dict(acc=acc, knn=knn_classify(trf, trl, tef, tel), steps=step, seconds=time.time() - t0, chance=100.0 / C)
 
 # %% ../nbs/08_evaluate.ipynb #9de11606
+def labelled_features(backbone, train, val, size: int = 224, batch_size: int = 256, device='cpu', workers: int = 0) -> tuple:
+    "(train features, labels, val features, labels) of two labelled folders or datasets: the input of every probe."
+    trf, trl = extract_features(backbone, train, size, batch_size, device, workers)
+    tef, tel = extract_features(backbone, val, size, batch_size, device, workers)
+    for p, l in ((train, trl), (val, tel)):
+        if (l < 0).any(): raise ScfsError(f'evaluation needs labelled images (one sub-folder per class): {p}')
+    return trf, trl, tef, tel
+
 def _features_for(checkpoint, train, val, size, which, device, batch_size, workers, backbone, backbone_kw, seed):
     if checkpoint is None: torch.manual_seed(seed)
     bb, info = load_backbone(checkpoint, which=which, backbone=backbone, backbone_kw=backbone_kw)
     size = int(size or info.get('eval_size') or 224)
-    trf, trl = extract_features(bb, train, size, batch_size, device, workers)
-    tef, tel = extract_features(bb, val, size, batch_size, device, workers)
-    for p, l in ((train, trl), (val, tel)):
-        if (l < 0).any(): raise ScfsError(f'evaluation needs labelled images (one sub-folder per class): {p}')
-    return trf, trl, tef, tel, size, info
+    return (*labelled_features(bb, train, val, size, batch_size, device, workers), size, info)
 
 def knn_checkpoint(checkpoint, train, val, size: int | None = None, k: int = 20, T: float = 0.07,
                    ks=(10, 20, 100, 200), which: str = 'teacher', device='cpu', batch_size: int = 256, workers: int = 0,
@@ -184,6 +189,34 @@ def linear_checkpoint(checkpoint, train, val, size: int | None = None, epochs: i
                                                    backbone, backbone_kw, seed)
     return dict(acc=linear_probe(trf, trl, tef, tel, epochs=epochs, wd=wd, seed=seed), size=size,
                 n_train=len(trf), n_val=len(tef))
+
+# %% ../nbs/08_evaluate.ipynb #f8496e4b
+class KnnMonitor:
+    """kNN top-1 (%) of a backbone on a fixed labelled subset held in memory: the online monitor of a run.
+    The memory bank is `n` images of `train_dir`; the queries are `n // 2` images of `val_dir`, or, without a val
+    folder, `n // 2` further images of `train_dir` held out of the bank (never the test split)."""
+    def __init__(self, train_dir, val_dir, size: int, n: int = 1000, k: int = 20, T: float = 0.07, seed: int = 0,
+                 device='cpu'):
+        self.k, self.T, self.device = k, T, device
+        nq = max(n // 2, 1)
+        if val_dir is not None:
+            self.train, self.val = self._subset(train_dir, size, n, seed), self._subset(val_dir, size, nq, seed + 1)
+        else:
+            both = self._subset(train_dir, size, n + nq, seed)
+            self.train, self.val = (torch.utils.data.Subset(both, r) for r in (range(0, len(both), 3), range(2, len(both), 3))) \
+                if len(both) < n + nq else (torch.utils.data.Subset(both, range(n)), torch.utils.data.Subset(both, range(n, n + nq)))
+        self.source = 'val' if val_dir is not None else 'held-out train'
+
+    @staticmethod
+    def _subset(folder, size, n, seed):
+        ds = ImageDataset(folder, transform=eval_transform(size))
+        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].tolist()   # random order
+        x, y = zip(*(ds[i] for i in idx))
+        return torch.utils.data.TensorDataset(torch.stack(x), torch.tensor(y))
+
+    def __call__(self, backbone: nn.Module) -> float:
+        return knn_classify(*labelled_features(backbone, self.train, self.val, device=self.device), k=self.k, T=self.T)
+
 
 # %% ../nbs/08_evaluate.ipynb #5e32a15e
 def export_backbone(checkpoint, out, which: str = 'teacher') -> Path:

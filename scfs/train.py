@@ -13,21 +13,21 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .data import ScfsError, quick_mode, ImageDataset, ensure_scenes, load_images
-from .augment import BatchMultiCrop, eval_transform
+from .data import ScfsError, quick_mode, ensure_scenes, load_images
+from .augment import BatchMultiCrop
 from .config import Config, get_config, config_from_dict, config_diff, same_setting, validate_config, _NAMES
 from .model import build_model, cosine_schedule
-from .evaluate import knn_checkpoint, extract_features, knn_classify
+from .evaluate import knn_checkpoint, KnnMonitor
 from .losses import collapse_state
 from .distributed import init_distributed, cleanup_distributed, all_reduce_mean, is_main, barrier
 from .loader import ResumableSampler, SeededDataset, MemoryLoader, resolve_data, views_for, build_loader
 from .runfiles import save_checkpoint, load_checkpoint, rng_state, set_rng_state, MetricsLog, read_metrics, plot_loss_curve
 
 # %% auto #0
-__all__ = ['make_schedules', 'param_groups', 'build_optimizer', 'clip_gradients', 'cancel_last_layer_grads', 'KnnMonitor',
-           'TrainingRun', 'debug_faults', 'setup_run', 'checkpoint_state', 'restore_state', 'collapse_states',
-           'end_epoch', 'monitor_knn', 'step_record', 'set_schedules', 'optimizer_step', 'train_one_epoch', 'train',
-           'finish_run', 'final_knn', 'term_gradient_norms']
+__all__ = ['make_schedules', 'param_groups', 'build_optimizer', 'clip_gradients', 'cancel_last_layer_grads', 'TrainingRun',
+           'debug_faults', 'setup_run', 'checkpoint_state', 'restore_state', 'collapse_states', 'end_epoch',
+           'monitor_knn', 'step_record', 'set_schedules', 'optimizer_step', 'train_one_epoch', 'train', 'finish_run',
+           'final_knn', 'term_gradient_norms']
 
 # %% ../nbs/07_train.ipynb #20ab41bd
 def make_schedules(cfg: Config, niter_per_ep: int) -> dict:
@@ -65,36 +65,6 @@ def cancel_last_layer_grads(epoch: int, module: nn.Module, freeze_last_layer: in
     if epoch >= freeze_last_layer: return
     for n, p in module.named_parameters():
         if 'last_layer' in n: p.grad = None
-
-# %% ../nbs/07_train.ipynb #e483279e
-class KnnMonitor:
-    """kNN top-1 (%) of a backbone on a fixed labelled subset held in memory: the online monitor of a run.
-    The memory bank is `n` images of `train_dir`; the queries are `n // 2` images of `val_dir`, or, without a val
-    folder, `n // 2` further images of `train_dir` held out of the bank (never the test split)."""
-    def __init__(self, train_dir, val_dir, size: int, n: int = 1000, k: int = 20, T: float = 0.07, seed: int = 0,
-                 device='cpu'):
-        self.k, self.T, self.device = k, T, device
-        nq = max(n // 2, 1)
-        if val_dir is not None:
-            self.train, self.val = self._subset(train_dir, size, n, seed), self._subset(val_dir, size, nq, seed + 1)
-        else:
-            both = self._subset(train_dir, size, n + nq, seed)
-            self.train, self.val = (torch.utils.data.Subset(both, r) for r in (range(0, len(both), 3), range(2, len(both), 3))) \
-                if len(both) < n + nq else (torch.utils.data.Subset(both, range(n)), torch.utils.data.Subset(both, range(n, n + nq)))
-        self.source = 'val' if val_dir is not None else 'held-out train'
-
-    @staticmethod
-    def _subset(folder, size, n, seed):
-        ds = ImageDataset(folder, transform=eval_transform(size))
-        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].tolist()   # random order
-        x, y = zip(*(ds[i] for i in idx))
-        return torch.utils.data.TensorDataset(torch.stack(x), torch.tensor(y))
-
-    def __call__(self, backbone: nn.Module) -> float:
-        ftr, ltr = extract_features(backbone, self.train, device=self.device)
-        fva, lva = extract_features(backbone, self.val, device=self.device)
-        return knn_classify(ftr, ltr, fva, lva, k=self.k, T=self.T)
-
 
 # %% ../nbs/07_train.ipynb #89014044
 _RUNTIME = {'out', 'device', 'workers', 'threads', 'progress', 'tensorboard', 'eval', 'eval_random', 'eval_size',

@@ -115,7 +115,7 @@ def test_online_monitor_logs_knn_and_collapse_state(tmp_path, scenes, capsys):
     # the monitor's queries are the val split: the first reading is the untrained teacher on val (a fresh model with
     # the same seed gives the same number), the last one the final teacher's
     from scfs.model import build_model
-    from scfs.train import KnnMonitor
+    from scfs.evaluate import KnnMonitor
     from scfs.evaluate import load_backbone, knn_checkpoint
     cfg = _run_cfg(tmp_path, scenes, 'm2')
     torch.manual_seed(cfg.seed); fresh = build_model(cfg)
@@ -136,7 +136,7 @@ def test_monitor_without_val_holds_out_part_of_train(tmp_path, scenes):
     "A labelled folder with train/ and test/ only: the monitor's queries are train images outside its memory bank, never test."
     import shutil
     from scfs.loader import resolve_data
-    from scfs.train import KnnMonitor
+    from scfs.evaluate import KnnMonitor
     d = tmp_path / 'noval'
     for s in ('train', 'test'): shutil.copytree(scenes / s, d / s)
     cfg = _run_cfg(tmp_path, d, 'x')

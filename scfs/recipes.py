@@ -12,20 +12,22 @@ import torch
 from .experiments import load_results, ci95, _locked_update
 
 # %% auto #0
-__all__ = ['RECIPES', 'BENCHMARKS', 'BENCH_SCENES', 'CROP_SWEEP', 'CROP_SWEEP_RESULTS', 'MAIN_JOB', 'README_RECIPES',
-           'run_recipe', 'recipe_rows', 'recipe_markdown', 'background_share', 'crop_sweep_jobs', 'run_crop_sweep',
-           'crop_sweep_rows', 'crop_sweep_markdown', 'crop_sweep_verdict', 'record_run', 'main_job_markdown',
-           'readme_results']
+__all__ = ['RECIPES', 'BENCHMARKS', 'DIGIT_LADDER', 'BENCH_SCENES', 'CROP_SWEEP', 'CROP_SWEEP_RESULTS', 'MAIN_JOB',
+           'README_RECIPES', 'run_recipe', 'recipe_rows', 'recipe_markdown', 'ladder_markdown', 'ladder_verdict',
+           'background_share', 'crop_sweep_jobs', 'run_crop_sweep', 'crop_sweep_rows', 'crop_sweep_markdown',
+           'crop_sweep_verdict', 'record_run', 'main_job_markdown', 'readme_results']
 
 # %% ../nbs/12a_recipes.ipynb #8f004f6f
 RECIPES = 'nbs/results/recipes.json'
-BENCHMARKS = {'shapes': 'data/clutter-scenes', 'digits': 'data/digit-scenes',   # = DEFAULT_SCENES, DEFAULT_DIGITS
-              'digits-large': 'data/digit-scenes-large'}
-# diagnostic benchmarks (not targets) and how `run_recipe` generates them: digits without distractors at 60-80 % of
-# the side ask whether the digit benchmark defeats self-supervision through small objects and clutter, or through its
-# class cue (shape on a textured photo) itself
-BENCH_SCENES = {'digits-large': dict(kind='digits', clutter=dict(object_size=(0.6, 0.8), distractors=(0, 0)))}
-
+BENCHMARKS = {'shapes': 'data/clutter-scenes', 'digits': 'data/digit-scenes'}   # the two targets (DEFAULT_SCENES, DEFAULT_DIGITS)
+# diagnostic scenes, not targets: the digit scenes with one thing changed at a time -- the background (real photos
+# or one flat colour), the digit's side, the distractors -- ordered from the easiest to the benchmark itself
+DIGIT_LADDER = {'digits-flat-large': ('flat colour', (0.6, 0.8), (0, 0)), 'digits-large': ('real photos', (0.6, 0.8), (0, 0)),
+                'digits-flat-nodis': ('flat colour', (0.3, 0.5), (0, 0)), 'digits-flat': ('flat colour', (0.3, 0.5), (1, 3)),
+                'digits': ('real photos', (0.3, 0.5), (1, 3))}
+BENCH_SCENES = {b: dict(kind='digits', clutter=dict(object_size=s, distractors=d, ground='flat' if g == 'flat colour' else 'photo'))
+                for b, (g, s, d) in DIGIT_LADDER.items() if b != 'digits'}       # how `run_recipe` generates them
+BENCHMARKS.update({b: 'data/' + b.replace('digits', 'digit-scenes') for b in BENCH_SCENES})
 
 # %% ../nbs/12a_recipes.ipynb #aa12e00b
 def _knn_pair(run_dir, cfg, split: str) -> tuple:
@@ -38,8 +40,8 @@ def _knn_pair(run_dir, cfg, split: str) -> tuple:
     return trained, rnd
 
 def _recipe_auroc(run_dir, cfg, n: int) -> dict:
-    "On-object AUROC per layer of a recipe run's teacher search maps on `n` val scenes (`scfs.maps.object_auroc`)."
-    from scfs.maps import object_auroc
+    "On-object AUROC per layer of a recipe run's teacher search maps on `n` val scenes (`scfs.scores.object_auroc`)."
+    from scfs.scores import object_auroc
     from scfs.evaluate import load_backbone
     s = object_auroc(load_backbone(Path(run_dir) / 'checkpoint_last.pth')[0], cfg.data, split='val', n_images=n,
                      global_size=cfg.global_size, local_size=cfg.local_size, n_boot=1000)['summary']
@@ -53,7 +55,7 @@ def run_recipe(name: str, overrides: dict, seed: int, bench: str = 'shapes', *, 
     the kNN of its teacher and of a random-init backbone on the **val** split, the minutes and the monitor curve in
     `path`; `test=True` (final tables only, never tuning) also stores both on test. A (name, bench, seed) already
     stored is skipped: the runner is resumable. `auroc=n`: also the on-object AUROC per layer of the teacher's search
-    maps on `n` val scenes (`scfs.maps.object_auroc`, views at the run's sizes), before the run folder goes."""
+    maps on `n` val scenes (`scfs.scores.object_auroc`, views at the run's sizes), before the run folder goes."""
     from scfs.config import get_config
     from scfs.runfiles import read_metrics
     from scfs.train import train
@@ -82,15 +84,16 @@ def run_recipe(name: str, overrides: dict, seed: int, bench: str = 'shapes', *, 
 
 
 # %% ../nbs/12a_recipes.ipynb #c7a1e0b2
-def recipe_rows(results, names=None) -> list[dict]:
-    "One row per (recipe, benchmark): seeds, mean val kNN, mean gain over random init with its 95 % interval, minutes."
+def recipe_rows(results, names=None, benches=None) -> list[dict]:
+    """One row per (recipe, benchmark): seeds, mean val kNN, mean gain over random init with its 95 % interval, minutes.
+    `names`, `benches`: only these recipes and benchmarks (default: all, in `BENCHMARKS` order)."""
     groups = {}
     for r in results:
         if names is None or r['name'] in names: groups.setdefault((r['name'], r['bench']), []).append(r)
     order = names or list(dict.fromkeys(n for n, _ in groups))
     rows = []
     for n in order:
-        for b in BENCHMARKS:
+        for b in benches or BENCHMARKS:
             rs = groups.get((n, b))
             if not rs: continue
             g, h, k = ci95([r['gain'] for r in rs])
@@ -113,6 +116,34 @@ def recipe_markdown(rows, notes: dict | None = None) -> str:
                    f"{_pm(r['gain'], r['gain_ci'])} | {r['minutes']:.1f} |")
     return '\n'.join(out)
 
+
+# %% ../nbs/12a_recipes.ipynb #f398c1a0
+def _learns(r, need: float) -> str: return 'learns' if r['gain'] >= need else 'no' if r['gain'] < 3 else 'weakly'
+
+def ladder_markdown(results, name: str = 'tiny-dino', need: float = 10.0) -> str:
+    """The digit ladder as Markdown: per rung of `DIGIT_LADDER`, the runs of recipe `name` (val kNN, gain over random
+    init, mean ± 95 % t-interval) and whether the mean gain reaches `need` points ('learns'), stays under 3 points
+    ('no') or lies between ('weakly')."""
+    rows = {r['bench']: r for r in recipe_rows(results, names=[name])}
+    out = ['| scenes | background | digit side | distractors | seeds | val kNN (%) | random init | gain ± 95 % CI | learns? |',
+           '|---|---|---|---|---|---|---|---|---|']
+    for b, (g, s, d) in DIGIT_LADDER.items():
+        r = rows.get(b)
+        if r is None: out.append(f'| {b} | {g} | {s[0]:.0%}-{s[1]:.0%} | {d[0]}-{d[1]} | 0 | — | — | — | not run |'); continue
+        out.append(f"| {b} | {g} | {s[0]:.0%}-{s[1]:.0%} | {d[0]}-{d[1]} | {r['n']} | {r['val_knn']:.1f} | {r['random']:.1f} | "
+                   f"{_pm(r['gain'], r['gain_ci'])} | {_learns(r, need)} |")
+    return '\n'.join(out)
+
+_STEPS = [('background: real photos instead of flat colour (digit 60-80 %, no distractors)', 'digits-flat-large', 'digits-large'),
+          ('digit side: 30-50 % instead of 60-80 % (flat colour, no distractors)', 'digits-flat-large', 'digits-flat-nodis'),
+          ('distractors: 1-3 instead of none (flat colour, digit 30-50 %)', 'digits-flat-nodis', 'digits-flat'),
+          ('background: real photos instead of flat colour (digit 30-50 %, 1-3 distractors)', 'digits-flat', 'digits')]
+
+def ladder_verdict(results, name: str = 'tiny-dino', need: float = 10.0) -> str:
+    "One line per single change along the ladder: the mean gain (and its state) before and after the change."
+    rows = {r['bench']: r for r in recipe_rows(results, names=[name])}
+    say = lambda b: f"{b} {_pm(rows[b]['gain'], rows[b]['gain_ci'])} ({_learns(rows[b], need)})" if b in rows else f'{b} not run'
+    return '\n'.join(f'{what}: {say(a)} -> {say(b)}' for what, a, b in _STEPS)
 
 # %% ../nbs/12a_recipes.ipynb #93a4adc3
 CROP_SWEEP = {'ls0.1': (0.1, 0.4), 'ls0.03': (0.03, 0.12), 'ls0.008': (0.008, 0.03)}   # level -> local_scale (tiny: 0.1-0.4)
@@ -232,7 +263,11 @@ def readme_results(results_dir='nbs/results') -> str:
              main_job_markdown(d / 'main_job.json'), '',
              '**The preset on two benchmarks**, read on val (gain = val kNN − random-init val kNN, mean ± 95 % t-interval '
              'over seeds; from `nbs/results/recipes.json`):', '',
-             recipe_markdown(recipe_rows(load_results(d / 'recipes.json'), names=list(README_RECIPES)))]
+             recipe_markdown(recipe_rows(load_results(d / 'recipes.json'), names=list(README_RECIPES), benches=('shapes', 'digits')))]
+    if any(r['bench'] in BENCH_SCENES for r in load_results(d / 'recipes.json')):
+        parts += ['', '**Why the digits defeat the preset**: the digit scenes with one thing changed at a time, `tiny-dino`, '
+                  'read on val (from `nbs/results/recipes.json`; explained in `nbs/12a_recipes.ipynb`):', '',
+                  ladder_markdown(load_results(d / 'recipes.json'))]
     sweep = load_results(d / 'crop_sweep.json')
     if sweep:
         rows = crop_sweep_rows(sweep, {l: background_share(sc, n=500) for l, sc in CROP_SWEEP.items()})

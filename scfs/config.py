@@ -90,6 +90,9 @@ class OptimSettings:
     center_momentum: float = 0.9
     centering: str = 'sinkhorn'           # DINO loss targets: 'ema' (DINO's running centre) or 'sinkhorn' (DINOv2)
     koleo_weight: float = 0.1           # KoLeo on the DINO head's bottleneck z (DINOv2's regulariser; 0: off)
+    loc_weight: float = 1.0             # localisation term (ours, 05_losses): each local crop's search must find where it came from (0: off)
+    loc_layers: tuple = ('layer2', 'layer3')  # the backbone layers it is computed on
+    loc_temp: float = 0.1               # its softmax temperature over positions
 
 # %% ../nbs/05a_config.ipynb #8be35834
 @dataclass
@@ -133,7 +136,7 @@ class Config(RunSettings, OptimSettings, CropSettings, ModelSettings, DataSettin
 
 # %% ../nbs/05a_config.ipynb #d0d12222
 # the official DINO/SCFS recipe for what the tiny preset changes (see its table): the GPU presets keep it
-_OFFICIAL = dict(head_bn=False, layer_weights=None, centering='ema', koleo_weight=0.0, jitter=(0.4, 0.4, 0.2, 0.1),
+_OFFICIAL = dict(head_bn=False, layer_weights=None, centering='ema', koleo_weight=0.0, loc_weight=0.0, jitter=(0.4, 0.4, 0.2, 0.1),
                  p_jitter=0.8, p_grey=0.2, freeze_last_layer=1)
 PRESETS = {
     'tiny': {},
@@ -225,6 +228,11 @@ def _validate_model(cfg: Config, bad):
     unknown = [l for l in cfg.search_layers if l not in LAYERS]
     if unknown or len(set(cfg.search_layers)) != len(cfg.search_layers):
         bad(f'search_layers must be distinct names among {", ".join(LAYERS)}, got {", ".join(map(str, cfg.search_layers))}')
+    unknown = [l for l in cfg.loc_layers if l not in LAYERS]
+    if unknown or not cfg.loc_layers or len(set(cfg.loc_layers)) != len(cfg.loc_layers):
+        bad(f'loc_layers must be distinct names among {", ".join(LAYERS)}, got {", ".join(map(str, cfg.loc_layers)) or "none"}')
+    if cfg.loc_weight < 0 or cfg.loc_temp <= 0: bad(f'loc_weight must be >= 0 and loc_temp > 0, got {cfg.loc_weight} and {cfg.loc_temp}')
+    if cfg.loc_weight and cfg.n_local < 1: bad('loc_weight > 0 needs n_local >= 1 (the term localises the local crops)')
     w = cfg.layer_weights
     if isinstance(w, dict) and set(w) - set(cfg.search_layers):
         bad(f'layer_weights names layers that are not searched: {", ".join(sorted(set(w) - set(cfg.search_layers)))}')

@@ -12,6 +12,7 @@ from .data import ensure_scenes
 from .evaluate import resolve_device
 from .config import get_config
 from .model import build_model
+from .losses import random_geometry
 from .train import build_optimizer, clip_gradients, train
 
 # %% auto #0
@@ -46,11 +47,12 @@ def measure_throughput(preset: str = 'resnet18', device: str = 'auto', batch_siz
     for g in opt.param_groups: g['lr'] = 1e-4
     mk = lambda s: torch.randn(B, 3, s, s, device=dev).contiguous(memory_format=torch.channels_last if cuda else torch.contiguous_format)
     crops = [mk(cfg.global_size) for _ in range(2)] + [mk(cfg.local_size) for _ in range(cfg.n_local)]
+    boxes, flips = random_geometry(B, len(crops))                      # where made-up crops 'came from' (localisation term)
     amp = cuda and cfg.amp in ('auto', 'bf16')
     if cuda: torch.cuda.reset_peak_memory_stats(dev)
     def step():
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
-            loss = model(crops, 1)['loss']
+            loss = model(crops, 1, boxes, flips)['loss']
         opt.zero_grad(set_to_none=True); loss.backward()
         clip_gradients(model.student, cfg.clip_grad); opt.step(); model.update_teacher(0.996)
     for _ in range(warmup): step()

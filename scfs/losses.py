@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['COLLAPSE_THRESHOLDS', 'teacher_temp_schedule', 'teacher_stats', 'collapse_stats', 'collapse_state', 'teacher_targets',
-           'ema_center_', 'DINOLoss', 'sinkhorn_knopp', 'koleo_loss', 'SearchLoss']
+           'ema_center_', 'DINOLoss', 'sinkhorn_knopp', 'koleo_loss', 'SearchLoss', 'crop_cells', 'random_geometry',
+           'locate_loss']
 
 # %% ../nbs/05_losses.ipynb #e88c519e
 import math
@@ -190,3 +191,40 @@ class SearchLoss(nn.Module):
         lg = self.global_loss(student_global, teacher_global, epoch, teacher_emb=teacher_global)
         ll = self.local_loss(student_local, teacher_searched, epoch)
         return {"global": lg, "local": ll, "loss": 0.5 * (lg + ll)}
+
+# %% ../nbs/05_losses.ipynb #be312ea7
+def crop_cells(boxes: torch.Tensor, flips: torch.Tensor, H: int, W: int) -> tuple:
+    """For each local crop (views 2, 3, ... of `boxes` (B, V, 4): x0, y0, x1, y1 in image pixels) the index of the cell
+    of the first global view's H x W map that holds the crop's centre, and whether the centre lies inside that view
+    at all; both (n*B,), crop-major. A horizontally flipped global view (`flips` (B, V)) mirrors the column."""
+    g, loc = boxes[:, 0].float(), boxes[:, 2:].float()
+    cx, cy = (loc[..., 0] + loc[..., 2]) / 2, (loc[..., 1] + loc[..., 3]) / 2          # (B, n)
+    u = (cx - g[:, None, 0]) / (g[:, None, 2] - g[:, None, 0])                        # 0..1 across the global view
+    v = (cy - g[:, None, 1]) / (g[:, None, 3] - g[:, None, 1])
+    u = torch.where(flips[:, :1].bool(), 1 - u, u)
+    inside = (u >= 0) & (u <= 1) & (v >= 0) & (v <= 1)
+    cell = (v.clamp(0, 1 - 1e-6) * H).long() * W + (u.clamp(0, 1 - 1e-6) * W).long()
+    return cell.T.reshape(-1), inside.T.reshape(-1)
+
+def random_geometry(n: int, n_crops: int, size: int = 64, generator: torch.Generator | None = None) -> tuple:
+    """Boxes (n, n_crops, 4) and flips (n, n_crops) of made-up crops of a size x size image (2 global views covering
+    40-100 % of it, then local crops covering 10-40 %): the geometry a step needs when its crops are random tensors
+    (benchmarks, tests). Real batches carry their own (`BatchMultiCrop`, `multicrop_collate`)."""
+    area = torch.rand(n, n_crops, generator=generator)
+    area = torch.where(torch.arange(n_crops) < 2, 0.4 + 0.6 * area, 0.1 + 0.3 * area) * size * size
+    side = area.sqrt()
+    x0, y0 = (torch.rand(n, n_crops, generator=generator) * (size - side), torch.rand(n, n_crops, generator=generator) * (size - side))
+    return torch.stack([x0, y0, x0 + side, y0 + side], -1), torch.rand(n, n_crops, generator=generator) < 0.5
+
+def locate_loss(key_map: torch.Tensor, local_maps: torch.Tensor, cells: torch.Tensor, inside: torch.Tensor,
+                temp: float = 0.1) -> tuple:
+    """`key_map` (B, C, H, W): the student's map of the first global view; `local_maps` (n*B, C, h, w), crop-major;
+    `cells`, `inside` (n*B,) from `crop_cells`. Returns (the localisation cross-entropy over the crops inside the view,
+    the fraction of those whose arg-max cell is right); (0, nan) when no crop centre is inside."""
+    B, C = key_map.shape[:2]
+    K = F.normalize(key_map.float().flatten(2), dim=1)                                # (B, C, HW)
+    q = F.normalize(local_maps.float().mean((2, 3)), dim=1).view(-1, B, C)            # (n, B, C)
+    logits = torch.einsum('nbc,bcp->nbp', q, K).flatten(0, 1) / temp                  # (n*B, HW), crop-major
+    if not inside.any(): return logits.sum() * 0, torch.tensor(float('nan'))
+    lg, c = logits[inside], cells[inside]
+    return F.cross_entropy(lg, c), (lg.argmax(1) == c).float().mean().detach()

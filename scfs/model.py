@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['Student', 'cosine_schedule', 'momentum_schedule', 'TeacherStudent', 'build_student', 'dino_term', 'search_term',
-           'SCFS', 'build_model']
+           'locate_term', 'SCFS', 'build_model']
 
 # %% ../nbs/06_model.ipynb #85e536f2
 import copy
@@ -15,18 +15,19 @@ import torch.nn as nn
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from .config import Config
-from .backbone import MultiLayerBackbone, build_backbone
+from .backbone import LAYERS, MultiLayerBackbone, build_backbone
 from .search import search_features
 from .heads import DINOHead, SearchHead
-from .losses import DINOLoss, SearchLoss, koleo_loss, collapse_state
+from .losses import DINOLoss, SearchLoss, koleo_loss, collapse_state, crop_cells, locate_loss
 
 # %% ../nbs/06_model.ipynb #57c11c12
 class Student(nn.ModuleDict):
     "`ModuleDict(backbone, head, layer_heads)`; `forward` computes every student output that needs a gradient."
-    def forward(self, globals_: torch.Tensor, locals_: torch.Tensor | None = None) -> dict:
+    def forward(self, globals_: torch.Tensor, locals_: torch.Tensor | None = None, maps=()) -> dict:
         """`globals_` (2B, 3, H, W) and `locals_` (nB, 3, h, w), crop-major. Returns dict(head=(2B+nB, K) DINO-head
         outputs [globals, locals], z=(2B, D) the head's normalised bottleneck of the global views; per search layer l: f'{l}/global' (2B, D), f'{l}/local' (nB, D) search-head outputs and
-        f'{l}/local_map' (nB, C, h', w') the raw local maps (the search queries))."""
+        f'{l}/local_map' (nB, C, h', w') the raw local maps (the search queries); for each layer in `maps` (the
+        localisation term's) also f'{l}/global_map' (2B, C, H', W') and f'{l}/local_map')."""
         bb, layer_heads = self["backbone"], self["layer_heads"]
         g = bb(globals_)
         loc = bb(locals_) if locals_ is not None else None
@@ -38,6 +39,9 @@ class Student(nn.ModuleDict):
             if loc is not None:
                 out[f"{l}/local"] = lh(loc[l])
                 out[f"{l}/local_map"] = loc[l]
+        for l in maps:
+            out[f"{l}/global_map"] = g[l]
+            if loc is not None: out[f"{l}/local_map"] = loc[l]
         return out
 
     @torch.no_grad()
@@ -189,6 +193,19 @@ def search_term(crit: SearchLoss, head: SearchHead, s: dict, t: dict, layer: str
            layer: terms["loss"].detach(), **_diagnostics(layer, crit.stats)}
     return terms["loss"], out, A.detach()
 
+# %% ../nbs/06_model.ipynb #e2e661b3
+def locate_term(s: dict, boxes: torch.Tensor, flips: torch.Tensor, layers, temp: float = 0.1) -> tuple:
+    """Mean over `layers` of `locate_loss` on the student's outputs `s` (f'{l}/global_map', f'{l}/local_map'), with
+    the targets of `crop_cells(boxes, flips)`. Returns (term, dict(loc=term, loc_acc=mean arg-max accuracy), detached)."""
+    terms, accs = [], []
+    for l in layers:
+        g = s[f"{l}/global_map"]
+        cells, inside = crop_cells(boxes, flips, g.shape[2], g.shape[3])
+        t, a = locate_loss(g[:len(g) // 2], s[f"{l}/local_map"], cells.to(g.device), inside.to(g.device), temp)
+        terms.append(t); accs.append(a.to(g.device))
+    term = sum(terms) / len(terms)
+    return term, {"loc": term.detach(), "loc_acc": torch.stack(accs).nanmean()}
+
 # %% ../nbs/06_model.ipynb #c3f0c002
 class SCFS(TeacherStudent):
     "SCFS (or the DINO baseline, `method='dino'`): student, EMA teacher and losses; `forward(crops, epoch)` -> loss terms."
@@ -203,23 +220,31 @@ class SCFS(TeacherStudent):
                  student_temp: float = Config.student_temp, center_momentum: float = Config.center_momentum,
                  layer_hidden: int | None = None, layer_bottleneck=Config.layer_bottleneck,
                  search_temperature: float = 1.0, centering: str = Config.centering,
-                 koleo_weight: float = Config.koleo_weight, layer_init: str = Config.layer_init):
+                 koleo_weight: float = Config.koleo_weight, layer_init: str = Config.layer_init,
+                 loc_weight: float = Config.loc_weight, loc_layers=Config.loc_layers, loc_temp: float = Config.loc_temp):
         bb, layers, weights = _check_options(backbone, method, search_keys, search_layers, layer_weights)
         super().__init__(build_student(bb, out_dim, head_hidden, head_bottleneck, head_bn, norm_last_layer, layers,
                                        layer_out_dim, layer_hidden, layer_bottleneck, layer_init))
         self.method, self.n_local, self.search_layers, self.layer_weights = method, n_local, layers, weights
         self.search_softmax, self.search_keys, self.search_temperature = search_softmax, search_keys, search_temperature
         self.koleo_weight = float(koleo_weight)
+        if loc_weight < 0 or not loc_layers or any(l not in LAYERS for l in loc_layers):
+            raise ValueError(f"loc_weight must be >= 0 and loc_layers names among {LAYERS}, got {loc_weight}, {loc_layers}")
+        self.loc_weight, self.loc_layers, self.loc_temp = float(loc_weight), tuple(loc_layers), float(loc_temp)
         temps = dict(warmup_teacher_temp=warmup_teacher_temp, teacher_temp=teacher_temp, n_epochs=epochs, student_temp=student_temp,
                      warmup_teacher_temp_epochs=warmup_teacher_temp_epochs, center_momentum=center_momentum)
         self.losses = nn.ModuleDict(dict(dino=DINOLoss(out_dim, 2 + n_local, centering=centering, **temps),
                                          **{l: SearchLoss(layer_out_dim, **temps) for l in layers}))
 
-    def forward(self, crops, epoch: int = 0) -> dict:
-        "`crops`: 2 global views (B, 3, H, W), then the local crops (B, 3, h, w). Returns the dict described above."
+    def forward(self, crops, epoch: int = 0, boxes=None, flips=None) -> dict:
+        """`crops`: 2 global views (B, 3, H, W), then the local crops (B, 3, h, w); `boxes` (B, V, 4), `flips` (B, V):
+        where each crop came from (`BatchMultiCrop`), needed only by the localisation term. Returns the dict above."""
         if len(crops) < 2 + bool(self.search_layers): raise ValueError("need 2 global views (and local crops for 'scfs')")
+        loc = self.loc_weight > 0 and len(crops) > 2
+        if loc and (boxes is None or flips is None):
+            raise ValueError("loc_weight > 0: forward needs the crops' boxes and flips (as BatchMultiCrop returns them)")
         globals_ = torch.cat(crops[:2])
-        s = self.student_forward(globals_, torch.cat(crops[2:]) if len(crops) > 2 else None)
+        s = self.student_forward(globals_, torch.cat(crops[2:]) if len(crops) > 2 else None, self.loc_layers if loc else ())
         t = self.teacher.targets(globals_)
         total, out = dino_term(self.losses["dino"], s, t, epoch, self.koleo_weight)
         maps = {}
@@ -227,6 +252,10 @@ class SCFS(TeacherStudent):
             term, parts, maps[l] = search_term(self.losses[l], self.teacher["layer_heads"][l], s, t, l, epoch,
                                                self.search_keys, self.search_softmax, self.search_temperature)
             total = total + self.layer_weights[l] * term
+            out.update(parts)
+        if loc:
+            term, parts = locate_term(s, boxes, flips, self.loc_layers, self.loc_temp)
+            total = total + self.loc_weight * term
             out.update(parts)
         return {**out, "loss": total, "maps": maps}
 
@@ -241,4 +270,5 @@ def build_model(cfg: Config) -> SCFS:
                 warmup_teacher_temp=cfg.warmup_teacher_temp, teacher_temp=cfg.teacher_temp,
                 warmup_teacher_temp_epochs=cfg.warmup_teacher_temp_epochs, epochs=cfg.epochs,
                 student_temp=cfg.student_temp, center_momentum=cfg.center_momentum, centering=cfg.centering,
-                koleo_weight=cfg.koleo_weight, layer_bottleneck=cfg.layer_bottleneck, layer_init=cfg.layer_init)
+                koleo_weight=cfg.koleo_weight, layer_bottleneck=cfg.layer_bottleneck, layer_init=cfg.layer_init,
+                loc_weight=cfg.loc_weight, loc_layers=tuple(cfg.loc_layers), loc_temp=cfg.loc_temp)

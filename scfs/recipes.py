@@ -12,10 +12,10 @@ import torch
 from .experiments import load_results, ci95, _locked_update
 
 # %% auto #0
-__all__ = ['RECIPES', 'BENCHMARKS', 'DIGIT_LADDER', 'BENCH_SCENES', 'CROP_SWEEP', 'CROP_SWEEP_RESULTS', 'MAIN_JOB',
-           'README_RECIPES', 'run_recipe', 'recipe_rows', 'recipe_markdown', 'ladder_markdown', 'ladder_verdict',
-           'background_share', 'crop_sweep_jobs', 'run_crop_sweep', 'crop_sweep_rows', 'crop_sweep_markdown',
-           'crop_sweep_verdict', 'record_run', 'main_job_markdown', 'readme_results']
+__all__ = ['RECIPES', 'BENCHMARKS', 'DIGIT_LADDER', 'BENCH_SCENES', 'LADDER_RECIPES', 'CROP_SWEEP', 'CROP_SWEEP_RESULTS',
+           'MAIN_JOB', 'README_RECIPES', 'run_recipe', 'recipe_rows', 'recipe_markdown', 'ladder_markdown',
+           'ladder_verdict', 'background_share', 'crop_sweep_jobs', 'run_crop_sweep', 'crop_sweep_rows',
+           'crop_sweep_markdown', 'crop_sweep_verdict', 'record_run', 'main_job_markdown', 'readme_results']
 
 # %% ../nbs/12a_recipes.ipynb #8f004f6f
 RECIPES = 'nbs/results/recipes.json'
@@ -123,18 +123,22 @@ def _learns(r, need: float) -> str:
     "'learns' when every seed gains at least `need` points, 'no' when every seed stays under 3, else 'weakly'."
     return 'learns' if min(r['gains']) >= need else 'no' if max(r['gains']) < 3 else 'weakly'
 
-def ladder_markdown(results, name: str = 'tiny-dino', need: float = 10.0) -> str:
-    """The digit ladder as Markdown: per rung of `DIGIT_LADDER`, the runs of recipe `name` (val kNN, gain over random
-    init, mean ± 95 % t-interval) and whether every seed gains at least `need` points ('learns'), every seed stays under
-    3 points ('no'), or neither ('weakly') -- a rule on each seed, since two seeds make a wide interval."""
-    rows = {r['bench']: r for r in recipe_rows(results, names=[name])}
-    out = ['| scenes | background | digit side | distractors | seeds | val kNN (%) | random init | gain ± 95 % CI | learns? |',
-           '|---|---|---|---|---|---|---|---|---|']
+LADDER_RECIPES = ('tiny-dino-noloc', 'tiny-dino')   # the DINO form of the preset without and with the localisation term
+
+def ladder_markdown(results, names=LADDER_RECIPES, need: float = 10.0) -> str:
+    """The digit ladder as Markdown: per rung of `DIGIT_LADDER` and per recipe of `names`, its seeds, the gain of val
+    kNN over random init (mean ± 95 % t-interval) and whether every seed gains at least `need` points ('learns'),
+    every seed stays under 3 points ('no'), or neither ('weakly') -- a rule on each seed, since two seeds make a wide
+    interval."""
+    rows = {n: {r['bench']: r for r in recipe_rows(results, names=[n])} for n in names}
+    out = ['| scenes | background | digit side | distractors | ' +
+           ' | '.join(f'`{n}` seeds | gain ± 95 % CI | learns?' for n in names) + ' |', '|---' * (4 + 3 * len(names)) + '|']
     for b, (g, s, d) in DIGIT_LADDER.items():
-        r = rows.get(b)
-        if r is None: out.append(f'| {b} | {g} | {s[0]:.0%}-{s[1]:.0%} | {d[0]}-{d[1]} | 0 | — | — | — | not run |'); continue
-        out.append(f"| {b} | {g} | {s[0]:.0%}-{s[1]:.0%} | {d[0]}-{d[1]} | {r['n']} | {r['val_knn']:.1f} | {r['random']:.1f} | "
-                   f"{_pm(r['gain'], r['gain_ci'])} | {_learns(r, need)} |")
+        cells = [b, g, f'{s[0]:.0%}-{s[1]:.0%}', f'{d[0]}-{d[1]}']
+        for n in names:
+            r = rows[n].get(b)
+            cells += ['0', '—', 'not run'] if r is None else [str(r['n']), _pm(r['gain'], r['gain_ci']), _learns(r, need)]
+        out.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(out)
 
 _STEPS = [('background: real photos instead of flat colour (digit 60-80 %, no distractors)', 'digits-flat-large', 'digits-large'),
@@ -168,8 +172,10 @@ def background_share(scale, clutter='low', n: int = 300, size: int = 64, seed: i
     return (covered * box_area / crop_area < thresh).float().mean().item()
 
 def crop_sweep_jobs(seeds=(0, 1)) -> list:
-    "(name, overrides, seed) of the sweep, seed-major with DINO and SCFS side by side: a sweep cut short has pairs."
-    return [(f'{m}@{lvl}', dict(method=m, local_scale=sc), s) for s in seeds for lvl, sc in CROP_SWEEP.items()
+    """(name, overrides, seed) of the sweep, seed-major with DINO and SCFS side by side: a sweep cut short has pairs.
+    Without the localisation term (`loc_weight=0`): the sweep began before it joined the preset, and its seeds
+    must all be the same recipe."""
+    return [(f'{m}@{lvl}', dict(method=m, local_scale=sc, loc_weight=0.0), s) for s in seeds for lvl, sc in CROP_SWEEP.items()
             for m in ('dino', 'scfs')]
 
 def run_crop_sweep(seeds=(0, 1), shard=(0, 1), path=CROP_SWEEP_RESULTS, **kw):
@@ -257,7 +263,7 @@ def main_job_markdown(path=MAIN_JOB) -> str:
 
 
 # %% ../nbs/12a_recipes.ipynb #e1f2a3b4
-README_RECIPES = ('tiny', 'tiny-dino')   # the recipe rows the README shows (07_train shows them all)
+README_RECIPES = ('tiny', 'tiny-dino', 'tiny-noloc', 'tiny-dino-noloc')   # the README's recipe rows (07_train shows all)
 
 def readme_results(results_dir='nbs/results') -> str:
     "The generated part of the README's Results: every number in it comes from the JSON files in `results_dir`."
@@ -268,14 +274,15 @@ def readme_results(results_dir='nbs/results') -> str:
              'over seeds; from `nbs/results/recipes.json`):', '',
              recipe_markdown(recipe_rows(load_results(d / 'recipes.json'), names=list(README_RECIPES), benches=('shapes', 'digits')))]
     if any(r['bench'] in BENCH_SCENES for r in load_results(d / 'recipes.json')):
-        parts += ['', '**Why the digits defeat the preset**: the digit scenes with one thing changed at a time, `tiny-dino`, '
-                  'read on val (from `nbs/results/recipes.json`; explained in `nbs/12a_recipes.ipynb`):', '',
+        parts += ['', '**What defeats the preset on the digits**: the digit scenes with one thing changed at a time, the DINO '
+                  'form of the preset without (`tiny-dino-noloc`) and with (`tiny-dino`) the localisation term, read on val '
+                  '(from `nbs/results/recipes.json`; explained in `nbs/12a_recipes.ipynb`):', '',
                   ladder_markdown(load_results(d / 'recipes.json'))]
     sweep = load_results(d / 'crop_sweep.json')
     if sweep:
         rows = crop_sweep_rows(sweep, {l: background_share(sc, n=500) for l, sc in CROP_SWEEP.items()})
-        parts += ['', '**SCFS vs DINO as local crops miss the object more often** (shapes, `tiny` preset with only '
-                  '`local_scale` changed, 25 epochs, kNN on test, mean ± 95 % t-interval over seeds; from '
+        parts += ['', '**SCFS vs DINO as local crops miss the object more often** (shapes, `tiny` preset without the '
+                  'localisation term (`loc_weight=0`) and with only `local_scale` changed, 25 epochs, kNN on test, mean ± 95 % t-interval over seeds; from '
                   '`nbs/results/crop_sweep.json`):', '', crop_sweep_markdown(rows), '', '```',
                   crop_sweep_verdict(rows), '```']
     return '\n'.join(parts)

@@ -291,7 +291,7 @@ def train_one_epoch(run: TrainingRun, epoch: int, start_it: int = 0) -> dict:
             set_schedules(run.opt, run.sched, it)
             crops = [c.to(run.device, non_blocking=True) for c in batch['crops']]
             if run.channels_last: crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
-            with run.autocast: out = run.model(crops, epoch)            # teacher + student forward, all losses
+            with run.autocast: out = run.model(crops, epoch, batch['boxes'], batch['flips'])   # teacher + student, all losses
             loss = out['loss'] * float('nan') if it == faults.get('nan_at') else out['loss']
             lv = float(all_reduce_mean(loss.float()))                   # one host sync per step: the log and the NaN check
             _check_finite(run, lv, epoch, i, it)
@@ -377,22 +377,24 @@ def final_knn(run: TrainingRun) -> dict:
 # %% ../nbs/07_train.ipynb #56fbe1e0
 def term_gradient_norms(cfg, images, seed=0) -> dict:
     """Norm of the gradient each loss term sends into each backbone stage, at initialisation, for one batch: every
-    search layer at weight 1 (the official setting) next to the DINO term and KoLeo (weight 1)."""
+    search layer at weight 1 (the official setting) next to the DINO term, KoLeo and the localisation term (weight 1)."""
     torch.manual_seed(seed)
     model = build_model(cfg)
-    crops = views_for(cfg, BatchMultiCrop)(images, torch.Generator().manual_seed(seed))['crops']
+    views = views_for(cfg, BatchMultiCrop)(images, torch.Generator().manual_seed(seed))
+    crops = views['crops']
     bb = model.student['backbone']
     net = bb.net
     stages = {'stem': list(net.conv1.parameters()) + list(net.bn1.parameters()),
               **{l: list(getattr(net, l).parameters()) for l in ('layer1', 'layer2', 'layer3', 'layer4')}}
-    def grads(layer_w, koleo):
-        model.layer_weights, model.koleo_weight = layer_w, koleo
-        model.zero_grad(set_to_none=True); model(crops)['loss'].backward()
+    def grads(layer_w, koleo, loc=0.0):
+        model.layer_weights, model.koleo_weight, model.loc_weight = layer_w, koleo, loc
+        model.zero_grad(set_to_none=True); model(crops, 0, views['boxes'], views['flips'])['loss'].backward()
         return {n: torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel()) for p in ps]) for n, ps in stages.items()}
     off = {l: 0.0 for l in model.search_layers}
     base = grads(off, 0.0)                                   # DINO alone
     out = {'DINO': {n: float(g.norm()) for n, g in base.items()}}
     g = grads(off, 1.0); out['KoLeo (w = 1)'] = {n: float((g[n] - base[n]).norm()) for n in base}
+    g = grads(off, 0.0, 1.0); out['localisation (w = 1)'] = {n: float((g[n] - base[n]).norm()) for n in base}
     for l in model.search_layers:
         g = grads({**off, l: 1.0}, 0.0); out[f'search, {l} (w = 1)'] = {n: float((g[n] - base[n]).norm()) for n in base}
     return out

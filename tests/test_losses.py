@@ -166,3 +166,19 @@ def test_sinkhorn_three_iterations_as_in_training():
     assert tv(Q) < 0.06 and tv(Q) < tv(sinkhorn_knopp(S, 1)) / 2 < tv(F.softmax(S, -1)) / 4
     crit = DINOLoss(512, 2, teacher_temp=0.02, centering='sinkhorn')
     torch.testing.assert_close(crit.teacher_probs(S * 0.02), Q)
+
+
+def test_crop_cells_and_locate_loss():
+    from scfs.losses import crop_cells, locate_loss
+    boxes = torch.tensor([[[16., 0., 48., 32.], [0., 0., 64., 64.], [40., 20., 48., 28.], [0., 40., 8., 48.]]])
+    cells, inside = crop_cells(boxes, torch.zeros(1, 4, dtype=torch.bool), 4, 4)
+    # centre (44, 24) in view 0 (x 16-48, y 0-32): u = 0.875, v = 0.75 -> row 3, col 3; (4, 44) is outside
+    assert cells[0].item() == 15 and inside.tolist() == [True, False]
+    cells_f, _ = crop_cells(boxes, torch.tensor([[True, False, False, False]]), 4, 4)
+    assert cells_f[0].item() == 12                                        # flipped view 0: column 0
+    key = torch.randn(1, 8, 4, 4)
+    local = key.flatten(2)[:, :, [15, 3]].permute(2, 1, 0)[..., None]     # crops that look exactly like cells 15 and 3
+    l, acc = locate_loss(key, local, torch.tensor([15, 3]), torch.tensor([True, True]), temp=0.01)
+    assert acc.item() == 1.0 and l.item() < 0.1
+    l2, acc2 = locate_loss(key, local, torch.tensor([3, 15]), torch.tensor([True, True]), temp=0.01)
+    assert acc2.item() == 0.0 and l2.item() > 10

@@ -18,9 +18,10 @@ from scfs.heads import DINOHead
 
 B, N = 2, 3
 # the official recipe's head settings, which were SCFS's own defaults before they became Config's (issue 14):
-# most tests below were written for them (loss weights 1, no KoLeo, EMA centring, teacher temperature 0.04)
+# most tests below were written for them (loss weights 1, no KoLeo, EMA centring, teacher temperature 0.04, no
+# localisation term)
 OFFICIAL = dict(head_bottleneck=256, head_bn=False, layer_weights=None, layer_out_dim=256, warmup_teacher_temp=0.04,
-                teacher_temp=0.04, epochs=100, centering="ema", koleo_weight=0.0)
+                teacher_temp=0.04, epochs=100, centering="ema", koleo_weight=0.0, loc_weight=0.0)
 
 
 def _crops(seed=0, g=32, l=16):
@@ -251,7 +252,8 @@ def _fingerprint(case):
     "One fixed-seed step: every number of the output dict, the maps' sums, the student's gradient, a second forward."
     bb, method, kw = CASES[case]
     torch.manual_seed(0)
-    m = SCFS(build_backbone("small", widths=(16, 32, 64, 128)) if bb == "widths" else bb, method=method, **kw)
+    m = SCFS(build_backbone("small", widths=(16, 32, 64, 128)) if bb == "widths" else bb, method=method,
+             **{"loc_weight": 0.0, **kw})                                  # the old model had no localisation term
     g = torch.Generator().manual_seed(1)
     crops = [torch.randn(B, 3, 32, 32, generator=g) for _ in range(2)] + \
             [torch.randn(B, 3, 16, 16, generator=g) for _ in range(N)]
@@ -294,11 +296,13 @@ def test_scfs_defaults_are_config_defaults():
 
 def test_tiny_defaults_forward_adds_koleo_and_weighted_layers():
     torch.manual_seed(0)
+    from scfs.losses import random_geometry
     m = SCFS(n_local=N, out_dim=64, head_hidden=32)
-    out = m(_crops())
-    assert "koleo" in out and not out["koleo"].requires_grad
-    torch.testing.assert_close(out["loss"].detach(),
-                               out["dino"] + 0.1 * out["koleo"] + sum(0.03 * out[l] for l in m.search_layers))
+    boxes, flips = random_geometry(B, 2 + N, generator=torch.Generator().manual_seed(0))
+    out = m(_crops(), boxes=boxes, flips=flips)
+    assert "koleo" in out and not out["koleo"].requires_grad and "loc" in out
+    torch.testing.assert_close(out["loss"].detach(), out["dino"] + 0.1 * out["koleo"] +
+                               sum(0.03 * out[l] for l in m.search_layers) + 1.0 * out["loc"])
     with pytest.raises(ValueError): m(_crops()[:2])                         # scfs needs local crops
     with pytest.raises(ValueError): m(_crops()[:1])
 
@@ -315,7 +319,8 @@ ALT = dict(backbone="resnet18", backbone_kw=dict(widths=(8, 16, 32, 64)), method
            head_hidden=48, head_bottleneck=32, head_bn=False, norm_last_layer=False, search_layers=("layer4",),
            layer_weights=(0.5, 1.0, 2.0), layer_out_dim=32, search_softmax=True, search_keys="both",
            warmup_teacher_temp=0.03, teacher_temp=0.05, warmup_teacher_temp_epochs=3, epochs=10, student_temp=0.2,
-           center_momentum=0.8, layer_bottleneck=8, layer_init="torch", centering="ema", koleo_weight=0.0)
+           center_momentum=0.8, layer_bottleneck=8, layer_init="torch", centering="ema", koleo_weight=0.0,
+           loc_weight=0.5, loc_layers=("layer4",), loc_temp=0.2)
 BASE = replace(Config(), backbone_kw={}, layer_weights=None, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=2)
 
 
@@ -417,3 +422,23 @@ def test_search_term_equals_the_plain_computation(keys):
     assert A.shape[0] == (2 if keys == "both" else 1) * 6 and not A.requires_grad and term.requires_grad
     for k in ("global", "local"): torch.testing.assert_close(out[f"layer4/{k}"], ref[k], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(out["layer4"], term.detach())
+
+
+def test_localisation_term_needs_boxes_and_adds_to_the_loss():
+    from scfs.augment import BatchMultiCrop
+    v = BatchMultiCrop(global_size=32, local_size=16, n_local=N)(torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8),
+                                                                torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    m = SCFS(n_local=N, out_dim=64, head_hidden=32, loc_weight=2.0)
+    m0 = SCFS(n_local=N, out_dim=64, head_hidden=32, loc_weight=0.0)    # the same model without the term
+    m0.load_state_dict(m.state_dict())
+    with pytest.raises(ValueError, match="boxes"): m(v["crops"])
+    out = m(v["crops"], boxes=v["boxes"], flips=v["flips"])
+    torch.testing.assert_close(out["loss"].detach(), out["dino"] + 0.1 * out["koleo"] +
+                               sum(0.03 * out[l] for l in m.search_layers) + 2.0 * out["loc"])
+    out0 = m0(v["crops"])
+    torch.testing.assert_close(out0["loss"].detach(), out["loss"].detach() - 2.0 * out["loc"])
+    out["loss"].backward(); out0["loss"].backward()
+    conv = lambda mm, l: getattr(mm.student["backbone"].net, l)[0].conv1.weight.grad
+    assert not torch.allclose(conv(m, "layer2"), conv(m0, "layer2"))          # the term reaches the backbone
+    with pytest.raises(ValueError): SCFS(n_local=N, out_dim=64, head_hidden=32, loc_layers=("layer1",))

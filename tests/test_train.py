@@ -187,9 +187,22 @@ def test_gpu_presets_keep_the_official_recipe_where_tiny_departs():
     from scfs.config import get_config
     tiny = get_config('tiny')
     assert tiny.head_bn and tiny.centering == 'sinkhorn' and tiny.koleo_weight > 0 and tiny.layer_weights == (0.03,) * 3
+    assert tiny.loc_weight == 1.0                                  # the localisation term is ours: tiny only
     for name in ('resnet18', 'resnet50-imagenet'):
         c = get_config(name)
+        assert c.loc_weight == 0.0, name
         assert (c.head_bn, c.centering, c.koleo_weight, c.layer_weights, c.freeze_last_layer) == (False, 'ema', 0.0, None, 1), name
         assert (c.jitter, c.p_jitter, c.p_grey) == ((0.4, 0.4, 0.2, 0.1), 0.8, 0.2), name
     r50 = get_config('resnet50-imagenet')
     assert (r50.global_size, r50.local_size, r50.n_local, r50.out_dim, r50.epochs, r50.teacher_temp) == (224, 96, 8, 65536, 200, 0.07)
+
+
+@pytest.mark.parametrize('loader', ['memory', 'folder'])
+def test_both_loaders_feed_the_localisation_term(tmp_path, scenes, loader):
+    "Each loader's boxes and flips reach the model: the localisation term is logged at every step, and off when loc_weight=0."
+    from scfs.runfiles import read_metrics
+    train(_run_cfg(tmp_path, scenes, 'on', loader=loader, epochs=1, max_iters=2))
+    steps = read_metrics(tmp_path / 'on', 'step')
+    assert len(steps) == 2 and all(s['loc'] > 0 and 0 <= s['loc_acc'] <= 1 for s in steps)
+    train(_run_cfg(tmp_path, scenes, 'off', loader=loader, epochs=1, max_iters=2, loc_weight=0.0))
+    assert all('loc' not in s for s in read_metrics(tmp_path / 'off', 'step'))

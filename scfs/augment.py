@@ -17,8 +17,8 @@ from .images import to_rgb
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'denormalize', 'RandomBlur', 'dino_photometric', 'MultiCrop', 'multicrop_collate',
            'eval_transform', 'show_multicrop', 'object_fraction', 'random_resized_boxes', 'crop_boxes',
-           'colour_jitter_matrices', 'gaussian_blur_batch', 'BatchPhotometric', 'BatchMultiCrop', 'local_crop_coverage',
-           'clutter_stats']
+           'random_geometry', 'colour_jitter_matrices', 'gaussian_blur_batch', 'BatchPhotometric', 'BatchMultiCrop',
+           'local_crop_coverage', 'clutter_stats']
 
 # %% ../nbs/01_augment.ipynb #4d355cdf
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -171,6 +171,16 @@ def crop_boxes(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Te
     "Cut box k out of image k and resize it to `size` x `size` (area-averaging when shrinking, bilinear when enlarging)."
     rois = torch.cat([torch.arange(len(boxes), dtype=boxes.dtype)[:, None], boxes], 1).to(images)
     return roi_align(images, rois, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+# %% ../nbs/01_augment.ipynb #9032da55
+def random_geometry(n: int, n_crops: int, size: int = 64, global_scale=(0.4, 1.0), local_scale=(0.1, 0.4),
+                    generator: torch.Generator | None = None) -> tuple:
+    """Boxes (n, n_crops, 4) and flips (n, n_crops) of made-up crops of a size x size image, drawn like
+    `BatchMultiCrop` (2 global views, then local crops): the geometry a training step needs when its crops are random
+    tensors (benchmarks, tests). Real batches carry their own."""
+    scales = [global_scale] * 2 + [local_scale] * (n_crops - 2)
+    boxes = torch.stack([random_resized_boxes(n, size, size, s, generator=generator) for s in scales], 1)
+    return boxes, torch.rand(n, n_crops, generator=generator) < 0.5
 
 # %% ../nbs/01_augment.ipynb #e18811cf
 _GREY = torch.tensor([0.2989, 0.587, 0.114])                           # torchvision's rgb_to_grayscale weights

@@ -165,7 +165,7 @@ def make_train_step(model, crops, s, device, lr=0.01):
     "A closure doing one full training step: forward (teacher+student, all losses), backward, SGD, EMA."
     params = [p for p in model.student.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
-    from scfs.losses import random_geometry
+    from scfs.augment import random_geometry
     boxes, flips = random_geometry(len(crops[0]), len(crops), generator=torch.Generator().manual_seed(0))   # for the localisation term
     def step():
         with _autocast(s, device): out = model(crops, epoch=1, boxes=boxes, flips=flips)

@@ -12,7 +12,7 @@ from .data import ensure_scenes
 from .evaluate import resolve_device
 from .config import get_config
 from .model import build_model
-from .losses import random_geometry
+from .augment import random_geometry
 from .train import build_optimizer, clip_gradients, train
 
 # %% auto #0

@@ -4,8 +4,7 @@
 
 # %% auto #0
 __all__ = ['COLLAPSE_THRESHOLDS', 'teacher_temp_schedule', 'teacher_stats', 'collapse_stats', 'collapse_state', 'teacher_targets',
-           'ema_center_', 'DINOLoss', 'sinkhorn_knopp', 'koleo_loss', 'SearchLoss', 'crop_cells', 'random_geometry',
-           'locate_loss']
+           'ema_center_', 'DINOLoss', 'sinkhorn_knopp', 'koleo_loss', 'SearchLoss', 'crop_cells', 'locate_loss']
 
 # %% ../nbs/05_losses.ipynb #e88c519e
 import math
@@ -206,16 +205,6 @@ def crop_cells(boxes: torch.Tensor, flips: torch.Tensor, H: int, W: int) -> tupl
     cell = (v.clamp(0, 1 - 1e-6) * H).long() * W + (u.clamp(0, 1 - 1e-6) * W).long()
     return cell.T.reshape(-1), inside.T.reshape(-1)
 
-def random_geometry(n: int, n_crops: int, size: int = 64, generator: torch.Generator | None = None) -> tuple:
-    """Boxes (n, n_crops, 4) and flips (n, n_crops) of made-up crops of a size x size image (2 global views covering
-    40-100 % of it, then local crops covering 10-40 %): the geometry a step needs when its crops are random tensors
-    (benchmarks, tests). Real batches carry their own (`BatchMultiCrop`, `multicrop_collate`)."""
-    area = torch.rand(n, n_crops, generator=generator)
-    area = torch.where(torch.arange(n_crops) < 2, 0.4 + 0.6 * area, 0.1 + 0.3 * area) * size * size
-    side = area.sqrt()
-    x0, y0 = (torch.rand(n, n_crops, generator=generator) * (size - side), torch.rand(n, n_crops, generator=generator) * (size - side))
-    return torch.stack([x0, y0, x0 + side, y0 + side], -1), torch.rand(n, n_crops, generator=generator) < 0.5
-
 def locate_loss(key_map: torch.Tensor, local_maps: torch.Tensor, cells: torch.Tensor, inside: torch.Tensor,
                 temp: float = 0.1) -> tuple:
     """`key_map` (B, C, H, W): the student's map of the first global view; `local_maps` (n*B, C, h, w), crop-major;
@@ -225,6 +214,7 @@ def locate_loss(key_map: torch.Tensor, local_maps: torch.Tensor, cells: torch.Te
     K = F.normalize(key_map.float().flatten(2), dim=1)                                # (B, C, HW)
     q = F.normalize(local_maps.float().mean((2, 3)), dim=1).view(-1, B, C)            # (n, B, C)
     logits = torch.einsum('nbc,bcp->nbp', q, K).flatten(0, 1) / temp                  # (n*B, HW), crop-major
-    if not inside.any(): return logits.sum() * 0, torch.tensor(float('nan'))
-    lg, c = logits[inside], cells[inside]
-    return F.cross_entropy(lg, c), (lg.argmax(1) == c).float().mean().detach()
+    m = inside.to(logits.dtype)                  # a mask, not a branch: no host sync in the training step
+    ce = F.cross_entropy(logits, cells, reduction='none')
+    hit = (logits.argmax(1) == cells).to(logits.dtype)
+    return (ce * m).sum() / m.sum().clamp(min=1), ((hit * m).sum() / m.sum()).detach()

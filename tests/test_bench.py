@@ -93,7 +93,7 @@ def test_bench_times_the_model_scfs_pretrain_trains(method):
     assert [(n, type(m).__name__) for n, m in b.named_modules()] == [(n, type(m).__name__) for n, m in t.named_modules()]
     assert [(n, p.shape) for n, p in b.named_parameters()] == [(n, p.shape) for n, p in t.named_parameters()]
     crops = bench._batch(dict(s, batch=4), 'cpu')
-    from scfs.losses import random_geometry
+    from scfs.augment import random_geometry
     geo = dict(zip(('boxes', 'flips'), random_geometry(4, len(crops), generator=torch.Generator().manual_seed(0))))
     ob, ot = b(crops, epoch=1, **geo), t(crops, epoch=1, **geo)
     assert sorted(ob) == sorted(ot)

@@ -296,7 +296,7 @@ def test_scfs_defaults_are_config_defaults():
 
 def test_tiny_defaults_forward_adds_koleo_and_weighted_layers():
     torch.manual_seed(0)
-    from scfs.losses import random_geometry
+    from scfs.augment import random_geometry
     m = SCFS(n_local=N, out_dim=64, head_hidden=32)
     boxes, flips = random_geometry(B, 2 + N, generator=torch.Generator().manual_seed(0))
     out = m(_crops(), boxes=boxes, flips=flips)

@@ -18,7 +18,7 @@ from .images import to_rgb
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'denormalize', 'RandomBlur', 'dino_photometric', 'MultiCrop', 'multicrop_collate',
            'eval_transform', 'show_multicrop', 'object_fraction', 'random_resized_boxes', 'crop_boxes',
            'random_geometry', 'colour_jitter_matrices', 'gaussian_blur_batch', 'BatchPhotometric', 'BatchMultiCrop',
-           'local_crop_coverage', 'clutter_stats']
+           'scramble_channels', 'ChannelScramble', 'local_crop_coverage', 'clutter_stats']
 
 # %% ../nbs/01_augment.ipynb #4d355cdf
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -42,16 +42,18 @@ class RandomBlur:
 
 # %% ../nbs/01_augment.ipynb #39c2385d
 def dino_photometric(global_size: int = 224, local_size: int = 96, blur_sigma=(0.1, 2.0), jitter=(0.4, 0.4, 0.2, 0.1),
-                     p_jitter: float = 0.8, p_grey: float = 0.2) -> tuple:
-    "DINO's photometric transforms of (global view 1, global view 2, local crops), for float images in [0, 1]."
+                     p_jitter: float = 0.8, p_grey: float = 0.2, p_shuffle: float = 0.0, p_invert: float = 0.0) -> tuple:
+    """DINO's photometric transforms of (global view 1, global view 2, local crops), for float images in [0, 1]; with
+    `p_shuffle` or `p_invert` > 0 each ends with `ChannelScramble` (ours, below)."""
     b, c, s, h = jitter                                   # DINO: 0.4, 0.4, 0.2, 0.1 with p 0.8, greyscale p 0.2
     colour = [v2.RandomApply([v2.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h)], p=p_jitter),
               v2.RandomGrayscale(p=p_grey)]
     gs = tuple(s * global_size / 224 for s in blur_sigma)
     ls = tuple(s * local_size / 96 for s in blur_sigma)
-    return (v2.Compose(colour + [RandomBlur(1.0, gs)]),
-            v2.Compose(colour + [RandomBlur(0.1, gs), v2.RandomSolarize(threshold=128 / 255, p=0.2)]),
-            v2.Compose(colour + [RandomBlur(0.5, ls)]))
+    tail = [ChannelScramble(p_shuffle, p_invert)] if p_shuffle or p_invert else []
+    return (v2.Compose(colour + [RandomBlur(1.0, gs)] + tail),
+            v2.Compose(colour + [RandomBlur(0.1, gs), v2.RandomSolarize(threshold=128 / 255, p=0.2)] + tail),
+            v2.Compose(colour + [RandomBlur(0.5, ls)] + tail))
 
 # %% ../nbs/01_augment.ipynb #8b607f03
 class MultiCrop:
@@ -59,11 +61,12 @@ class MultiCrop:
     def __init__(self, global_size: int = 224, local_size: int = 96, n_local: int = 8, global_scale=(0.25, 1.0),
                  local_scale=(0.05, 0.25), photometric: bool = True, blur_sigma=(0.1, 2.0), ratio=(3 / 4, 4 / 3),
                  mean=IMAGENET_MEAN, std=IMAGENET_STD, jitter=(0.4, 0.4, 0.2, 0.1), p_jitter: float = 0.8,
-                 p_grey: float = 0.2):
+                 p_grey: float = 0.2, p_shuffle: float = 0.0, p_invert: float = 0.0):
         self.global_size, self.local_size, self.n_local = int(global_size), int(local_size), int(n_local)
         self.global_scale, self.local_scale, self.ratio = tuple(global_scale), tuple(local_scale), tuple(ratio)
         self.photometric, self.mean, self.std = photometric, list(mean), list(std)
-        self.global1, self.global2, self.local = dino_photometric(global_size, local_size, blur_sigma, jitter, p_jitter, p_grey)
+        self.global1, self.global2, self.local = dino_photometric(global_size, local_size, blur_sigma, jitter, p_jitter, p_grey,
+                                                                        p_shuffle, p_invert)
 
     @property
     def n_crops(self): return 2 + self.n_local
@@ -222,9 +225,12 @@ def gaussian_blur_batch(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> to
 
 # %% ../nbs/01_augment.ipynb #f60fd354
 class BatchPhotometric:
-    "DINO's photometric ops for a batch of crops in [0, 1], drawn from a `torch.Generator`: colour jitter, greyscale, blur, solarize."
-    def __init__(self, jitter=(0.4, 0.4, 0.2, 0.1), p_jitter: float = 0.8, p_grey: float = 0.2, blur_sigma=(0.1, 2.0)):
+    """DINO's photometric ops for a batch of crops in [0, 1], drawn from a `torch.Generator`: colour jitter, greyscale, blur,
+    solarize; then `scramble_channels` (ours, below) when `p_shuffle` or `p_invert` > 0 (off: no draws, same stream)."""
+    def __init__(self, jitter=(0.4, 0.4, 0.2, 0.1), p_jitter: float = 0.8, p_grey: float = 0.2, blur_sigma=(0.1, 2.0),
+                 p_shuffle: float = 0.0, p_invert: float = 0.0):
         self.jitter, self.p_jitter, self.p_grey, self.blur_sigma = tuple(jitter), p_jitter, p_grey, tuple(blur_sigma)
+        self.p_shuffle, self.p_invert = p_shuffle, p_invert
 
     def __call__(self, x, p_blur, sigma_scale, p_solarize, g):
         "Colour jitter, greyscale, blur (p `p_blur`, sigmas times `sigma_scale`) and solarization (p `p_solarize`) of `x` (B,3,h,w)."
@@ -244,7 +250,8 @@ class BatchPhotometric:
             y = gaussian_blur_batch(x, sigma, math.ceil(3 * self.blur_sigma[1] * sigma_scale))
             x = torch.where(blur.to(dev).view(B, 1, 1, 1), y, x)
         sol = (u() < p_solarize).to(dev).view(B, 1, 1, 1)
-        return torch.where(sol & (x >= 0.5), 1 - x, x)
+        x = torch.where(sol & (x >= 0.5), 1 - x, x)
+        return scramble_channels(x, self.p_shuffle, self.p_invert, g) if self.p_shuffle or self.p_invert else x
 
 # %% ../nbs/01_augment.ipynb #1204bda4
 class BatchMultiCrop:
@@ -252,10 +259,12 @@ class BatchMultiCrop:
     flips and photometric recipe, drawn from a `torch.Generator` so a batch is a function of its seed."""
     def __init__(self, global_size: int = 224, local_size: int = 96, n_local: int = 8, global_scale=(0.25, 1.0),
                  local_scale=(0.05, 0.25), photometric: bool = True, blur_sigma=(0.1, 2.0), ratio=(3 / 4, 4 / 3),
-                 jitter=(0.4, 0.4, 0.2, 0.1), p_jitter: float = 0.8, p_grey: float = 0.2, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+                 jitter=(0.4, 0.4, 0.2, 0.1), p_jitter: float = 0.8, p_grey: float = 0.2, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 p_shuffle: float = 0.0, p_invert: float = 0.0):
         self.global_size, self.local_size, self.n_local = int(global_size), int(local_size), int(n_local)
         self.global_scale, self.local_scale, self.ratio = tuple(global_scale), tuple(local_scale), tuple(ratio)
-        self.photometric, self.photometric_ops = photometric, BatchPhotometric(jitter, p_jitter, p_grey, blur_sigma)
+        self.photometric, self.photometric_ops = photometric, BatchPhotometric(jitter, p_jitter, p_grey, blur_sigma,
+                                                                                      p_shuffle, p_invert)
         self.mean, self.std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
         # (size, scale, blur probability, blur sigma scale, solarize probability) per view: DINO's recipe
         self.plan = ([(self.global_size, self.global_scale, 1.0, self.global_size / 224, 0.0),
@@ -285,6 +294,24 @@ class BatchMultiCrop:
     def __repr__(self):
         return (f'BatchMultiCrop(global {self.global_size}px x2 scale {self.global_scale}, local {self.local_size}px '
                 f'x{self.n_local} scale {self.local_scale}, photometric={self.photometric})')
+
+# %% ../nbs/01_augment.ipynb #49fc85a6
+def scramble_channels(x: torch.Tensor, p_shuffle: float, p_invert: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per image of `x` (B, 3, H, W) in [0, 1]: with probability `p_shuffle` a random permutation of its colour channels,
+    then each channel inverted (x -> 1 - x) with probability `p_invert`; draws from `generator`."""
+    B = len(x)
+    perm = torch.argsort(torch.rand(B, 3, generator=generator), 1)               # a uniform random permutation per image
+    keep = torch.rand(B, generator=generator) >= p_shuffle
+    perm = torch.where(keep[:, None], torch.arange(3).expand(B, 3), perm).to(x.device)
+    x = torch.gather(x, 1, perm[:, :, None, None].expand_as(x))
+    inv = (torch.rand(B, 3, generator=generator) < p_invert).to(x.device)[:, :, None, None]
+    return torch.where(inv, 1 - x, x)
+
+class ChannelScramble:
+    "`scramble_channels` of one float image (3, H, W) in [0, 1]: the transform `dino_photometric` appends for `MultiCrop`."
+    def __init__(self, p_shuffle: float = 1.0, p_invert: float = 0.5): self.p_shuffle, self.p_invert = p_shuffle, p_invert
+    def __call__(self, img): return scramble_channels(img[None], self.p_shuffle, self.p_invert)[0]
+    def __repr__(self): return f'ChannelScramble(p_shuffle={self.p_shuffle}, p_invert={self.p_invert})'
 
 # %% ../nbs/01_augment.ipynb #0add5131
 def local_crop_coverage(boxes, size: int, scale=(0.05, 0.25), n_crops: int = 8, seed: int = 0) -> torch.Tensor:

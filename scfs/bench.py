@@ -61,6 +61,7 @@ def _tiny_preset() -> dict:
     return dict(backbone=c.backbone, backbone_kw={k: list(v) if isinstance(v, tuple) else v for k, v in c.backbone_kw.items()},
                 global_size=c.global_size, local_size=c.local_size, n_local_step=c.n_local, out_dim=c.out_dim,
                 head_hidden=c.head_hidden, head_bottleneck=c.head_bottleneck, layer_out_dim=c.layer_out_dim,
+                channels_last=bool(c.channels_last),
                 threads=c.threads or 1)   # the preset's 0 means torch's default; the bench times 1 thread (stable ratios)
 
 def bench_settings(device='cpu', quick=False) -> dict:
@@ -74,7 +75,7 @@ def bench_settings(device='cpu', quick=False) -> dict:
         return dict(search_batch=8, n_local=8, backbone='resnet18', global_size=224, local_size=96, batch=16,
                     out_dim=4096, head_hidden=512, head_bottleneck=256, layer_out_dim=256, amp=True, channels_last=True, repeats=5, warmup=2,
                     loader_images=128, loader_batch=16, workers=min(4, os.cpu_count() or 1))
-    tiny = dict(_tiny_preset(), n_local=8, amp=False, channels_last=False)
+    tiny = dict(_tiny_preset(), n_local=8, amp=False)
     if quick:
         return dict(tiny, search_batch=2, batch=16, repeats=5, warmup=1, loader_images=64, loader_batch=16, workers=0)
     return dict(tiny, search_batch=4, batch=64, repeats=7, warmup=2, loader_images=384, loader_batch=64,
@@ -234,13 +235,15 @@ def bench_loader(device='cpu', s=None) -> dict:
 def _v2_multicrop(s):
     "Per-image multi-crop with `torchvision.transforms.v2` (uint8 (3,S,S) -> list of normalised crops): the peer of `BatchMultiCrop`."
     from torchvision.transforms import v2
-    from scfs.augment import IMAGENET_MEAN, IMAGENET_STD
+    from scfs.augment import IMAGENET_MEAN, IMAGENET_STD, ChannelScramble
     cfg = bench_config('dino', s)
     def view(size, scale, p_blur, sigma, p_sol):
         return v2.Compose([v2.RandomResizedCrop(size, scale=scale, antialias=True), v2.RandomHorizontalFlip(),
                            v2.RandomApply([v2.ColorJitter(*cfg.jitter)], p=cfg.p_jitter), v2.RandomGrayscale(cfg.p_grey),
                            v2.RandomApply([v2.GaussianBlur(2 * (size // 20) + 1, sigma)], p=p_blur), v2.RandomSolarize(128, p_sol),
-                           v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+                           v2.ToDtype(torch.float32, scale=True)] +
+                          ([ChannelScramble(cfg.p_shuffle, cfg.p_invert)] if cfg.p_shuffle or cfg.p_invert else []) +
+                          [v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     g, l = cfg.global_size, cfg.local_size
     sig = lambda sz, ref: tuple(x * sz / ref for x in cfg.blur_sigma)
     views = [view(g, cfg.global_scale, 1.0, sig(g, 224), 0.0), view(g, cfg.global_scale, 0.1, sig(g, 224), 0.2)] + \

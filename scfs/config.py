@@ -63,6 +63,8 @@ class CropSettings:
     jitter: tuple = (0.4, 0.4, 0.4, 0.5)            # colour jitter strength: brightness, contrast, saturation, hue (tiny: strong hue)
     p_jitter: float = 1.0                           # probability of colour jitter per view
     p_grey: float = 0.2                             # probability of a greyscale view
+    p_shuffle: float = 1.0                          # probability per view of a random permutation of the colour channels (ours, 01_augment; official: 0)
+    p_invert: float = 0.5                           # then probability per view and channel of inverting it, x -> 1 - x (official: 0)
     blur_sigma: tuple = (0.1, 2.0)                  # Gaussian-blur sigma range for a 224-px view (DINO's), scaled by crop size / 224
     loader: str = 'memory'                          # 'memory': BatchMultiCrop on images held in memory; 'folder': MultiCrop in workers
     memory_size: int = 64                           # loader='memory': images are stored as memory_size x memory_size
@@ -102,7 +104,7 @@ class RunSettings:
     seed: int = 0
     device: str = 'auto'                # 'auto', 'cpu', 'cuda', 'cuda:1', ...
     amp: str = 'auto'                   # 'auto' (bf16 on CUDA, off elsewhere), 'bf16', 'fp16', 'off'
-    channels_last: bool | None = None   # None: on CUDA only
+    channels_last: bool | None = True   # channels-last memory format (faster on CPU and CUDA: 13_bench); None (older configs): CUDA only
     sync_bn: bool | None = None         # None: on CUDA under DDP
     workers: int = 1
     threads: int = 0                    # >0: torch.set_num_threads; 0: torch's default (loader='folder' on 2 cores: use 1)
@@ -137,7 +139,7 @@ class Config(RunSettings, OptimSettings, CropSettings, ModelSettings, DataSettin
 # %% ../nbs/05a_config.ipynb #d0d12222
 # the official DINO/SCFS recipe for what the tiny preset changes (see its table): the GPU presets keep it
 _OFFICIAL = dict(head_bn=False, layer_weights=None, centering='ema', koleo_weight=0.0, loc_weight=0.0, jitter=(0.4, 0.4, 0.2, 0.1),
-                 p_jitter=0.8, p_grey=0.2, freeze_last_layer=1)
+                 p_jitter=0.8, p_grey=0.2, p_shuffle=0.0, p_invert=0.0, freeze_last_layer=1)
 PRESETS = {
     'tiny': {},
     'resnet18': dict(_OFFICIAL, backbone='resnet18', backbone_kw={}, data='data/train', generate=False, loader='folder', out_dim=16384, head_hidden=2048,
@@ -213,6 +215,8 @@ def validate_config(cfg: Config):
     if cfg.centering not in ('ema', 'sinkhorn'): bad(f"centering must be 'ema' or 'sinkhorn', not {cfg.centering!r}")
     if cfg.loader not in ('memory', 'folder'): bad(f"loader must be 'memory' or 'folder', not {cfg.loader!r}")
     if len(cfg.jitter) != 4 or min(cfg.jitter) < 0: bad(f'jitter needs 4 non-negative strengths (brightness, contrast, saturation, hue), got {cfg.jitter}')
+    for k in ('p_jitter', 'p_grey', 'p_shuffle', 'p_invert'):
+        if not 0 <= getattr(cfg, k) <= 1: bad(f'{k} is a probability: 0 <= {k} <= 1, got {getattr(cfg, k)}')
     _validate_model(cfg, bad)
 
 

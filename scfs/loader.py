@@ -92,7 +92,8 @@ def views_for(cfg: Config, kind):
     "The multi-crop transform of `cfg`: `MultiCrop` (one PIL image) or `BatchMultiCrop` (a uint8 batch)."
     return kind(global_size=cfg.global_size, local_size=cfg.local_size, n_local=cfg.n_local,
                 global_scale=tuple(cfg.global_scale), local_scale=tuple(cfg.local_scale), photometric=cfg.photometric,
-                jitter=tuple(cfg.jitter), p_jitter=cfg.p_jitter, p_grey=cfg.p_grey, blur_sigma=tuple(cfg.blur_sigma))
+                jitter=tuple(cfg.jitter), p_jitter=cfg.p_jitter, p_grey=cfg.p_grey, blur_sigma=tuple(cfg.blur_sigma),
+                p_shuffle=cfg.p_shuffle, p_invert=cfg.p_invert)
 
 def build_loader(cfg: Config, train_dir, world: int = 1, rank: int = 0, device='cpu'):
     """(dataset-or-loader with an `epoch` attribute, ResumableSampler, iterable of batches) for multi-crop pretraining

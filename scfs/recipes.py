@@ -123,7 +123,8 @@ def _learns(r, need: float) -> str:
     "'learns' when every seed gains at least `need` points, 'no' when every seed stays under 3, else 'weakly'."
     return 'learns' if min(r['gains']) >= need else 'no' if max(r['gains']) < 3 else 'weakly'
 
-LADDER_RECIPES = ('tiny-dino-noloc', 'tiny-dino')   # the DINO form of the preset without and with the localisation term
+# the DINO form of the preset: without the localisation term, with it (no colour scrambling), and as it is now (both)
+LADDER_RECIPES = ('tiny-dino-noloc', 'tiny-dino-noscr', 'tiny-dino')
 
 def ladder_markdown(results, names=LADDER_RECIPES, need: float = 10.0) -> str:
     """The digit ladder as Markdown: per rung of `DIGIT_LADDER` and per recipe of `names`, its seeds, the gain of val
@@ -173,9 +174,9 @@ def background_share(scale, clutter='low', n: int = 300, size: int = 64, seed: i
 
 def crop_sweep_jobs(seeds=(0, 1)) -> list:
     """(name, overrides, seed) of the sweep, seed-major with DINO and SCFS side by side: a sweep cut short has pairs.
-    Without the localisation term (`loc_weight=0`): the sweep began before it joined the preset, and its seeds
-    must all be the same recipe."""
-    return [(f'{m}@{lvl}', dict(method=m, local_scale=sc, loc_weight=0.0), s) for s in seeds for lvl, sc in CROP_SWEEP.items()
+    Without the localisation term and colour scrambling (`loc_weight=0`, `p_shuffle=p_invert=0`): the sweep began
+    before they joined the preset, and its seeds must all be the same recipe."""
+    return [(f'{m}@{lvl}', dict(method=m, local_scale=sc, loc_weight=0.0, p_shuffle=0.0, p_invert=0.0), s) for s in seeds for lvl, sc in CROP_SWEEP.items()
             for m in ('dino', 'scfs')]
 
 def run_crop_sweep(seeds=(0, 1), shard=(0, 1), path=CROP_SWEEP_RESULTS, **kw):
@@ -263,7 +264,7 @@ def main_job_markdown(path=MAIN_JOB) -> str:
 
 
 # %% ../nbs/12a_recipes.ipynb #e1f2a3b4
-README_RECIPES = ('tiny', 'tiny-dino', 'tiny-noloc', 'tiny-dino-noloc')   # the README's recipe rows (07_train shows all)
+README_RECIPES = ('tiny', 'tiny-dino', 'tiny-noscr', 'tiny-dino-noscr', 'tiny-noloc', 'tiny-dino-noloc')   # the README's recipe rows (07_train shows all)
 
 def readme_results(results_dir='nbs/results') -> str:
     "The generated part of the README's Results: every number in it comes from the JSON files in `results_dir`."
@@ -275,14 +276,15 @@ def readme_results(results_dir='nbs/results') -> str:
              recipe_markdown(recipe_rows(load_results(d / 'recipes.json'), names=list(README_RECIPES), benches=('shapes', 'digits')))]
     if any(r['bench'] in BENCH_SCENES for r in load_results(d / 'recipes.json')):
         parts += ['', '**What defeats the preset on the digits**: the digit scenes with one thing changed at a time, the DINO '
-                  'form of the preset without (`tiny-dino-noloc`) and with (`tiny-dino`) the localisation term, read on val '
-                  '(from `nbs/results/recipes.json`; explained in `nbs/12a_recipes.ipynb`):', '',
+                  'form of the preset without the localisation term (`tiny-dino-noloc`), with it (`tiny-dino-noscr`) and with '
+                  'it and colour scrambling (`tiny-dino`, the preset now), read on val (from `nbs/results/recipes.json`; '
+                  'explained in `nbs/12a_recipes.ipynb`):', '',
                   ladder_markdown(load_results(d / 'recipes.json'))]
     sweep = load_results(d / 'crop_sweep.json')
     if sweep:
         rows = crop_sweep_rows(sweep, {l: background_share(sc, n=500) for l, sc in CROP_SWEEP.items()})
         parts += ['', '**SCFS vs DINO as local crops miss the object more often** (shapes, `tiny` preset without the '
-                  'localisation term (`loc_weight=0`) and with only `local_scale` changed, 25 epochs, kNN on test, mean ± 95 % t-interval over seeds; from '
+                  'localisation term and colour scrambling (`loc_weight=0`, `p_shuffle=p_invert=0`) and with only `local_scale` changed, 25 epochs, kNN on test, mean ± 95 % t-interval over seeds; from '
                   '`nbs/results/crop_sweep.json`):', '', crop_sweep_markdown(rows), '', '```',
                   crop_sweep_verdict(rows), '```']
     return '\n'.join(parts)

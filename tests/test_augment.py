@@ -153,3 +153,26 @@ def test_clutter_levels_order_the_share_of_object_free_local_crops():
     assert s['low']['object_area'] > s['medium']['object_area'] > s['high']['object_area']
     assert s['low']['object_free'] < s['medium']['object_free'] < s['high']['object_free']
     assert all(0 <= v['no_object'] <= v['object_free'] <= 1 for v in s.values())
+
+
+@pytest.mark.parametrize('kind', ['MultiCrop', 'BatchMultiCrop'])
+def test_channel_scramble_reaches_both_loaders(kind):
+    "The config's p_shuffle / p_invert reach the crops of both loaders: with p_invert=1 and no other photometric op,"
+    "the first global view is the inverted view of the same box (same seed; later crops draw from a shifted stream)."
+    from scfs.config import get_config
+    from scfs.loader import views_for
+    from scfs.augment import BatchMultiCrop
+    plain = dict(jitter=(0.0, 0.0, 0.0, 0.0), p_jitter=0.0, p_grey=0.0, blur_sigma=(1e-6, 1e-6))
+    cls = MultiCrop if kind == 'MultiCrop' else BatchMultiCrop
+    off, on = (views_for(get_config('tiny', **plain, p_shuffle=0.0, p_invert=p), cls) for p in (0.0, 1.0))
+    img = make_scene(np.random.default_rng(0), 64)[0]
+    if kind == 'MultiCrop':
+        torch.manual_seed(1); a = off(img)
+        torch.manual_seed(1); b = on(img)
+    else:
+        u8 = F.pil_to_tensor(img)[None]
+        a, b = (v(u8, torch.Generator().manual_seed(1)) for v in (off, on))
+    m, s = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    assert torch.equal(a['boxes'][..., 0, :], b['boxes'][..., 0, :])
+    ca, cb = (c[0] if kind == 'MultiCrop' else c[0][0] for c in (a['crops'], b['crops']))
+    torch.testing.assert_close(cb * s + m, 1 - (ca * s + m), atol=1e-5, rtol=0)

@@ -188,9 +188,10 @@ def test_gpu_presets_keep_the_official_recipe_where_tiny_departs():
     tiny = get_config('tiny')
     assert tiny.head_bn and tiny.centering == 'sinkhorn' and tiny.koleo_weight > 0 and tiny.layer_weights == (0.03,) * 3
     assert tiny.loc_weight == 1.0                                  # the localisation term is ours: tiny only
+    assert (tiny.p_shuffle, tiny.p_invert) == (1.0, 0.5)           # and so is colour scrambling
     for name in ('resnet18', 'resnet50-imagenet'):
         c = get_config(name)
-        assert c.loc_weight == 0.0, name
+        assert c.loc_weight == 0.0 and (c.p_shuffle, c.p_invert) == (0.0, 0.0), name
         assert (c.head_bn, c.centering, c.koleo_weight, c.layer_weights, c.freeze_last_layer) == (False, 'ema', 0.0, None, 1), name
         assert (c.jitter, c.p_jitter, c.p_grey) == ((0.4, 0.4, 0.2, 0.1), 0.8, 0.2), name
     r50 = get_config('resnet50-imagenet')

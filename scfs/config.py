@@ -104,7 +104,7 @@ class RunSettings:
     seed: int = 0
     device: str = 'auto'                # 'auto', 'cpu', 'cuda', 'cuda:1', ...
     amp: str = 'auto'                   # 'auto' (bf16 on CUDA, off elsewhere), 'bf16', 'fp16', 'off'
-    channels_last: bool | None = True   # channels-last memory format (faster on CPU and CUDA: 13_bench); None (older configs): CUDA only
+    channels_last: bool | None = True   # channels-last memory format (CUDA: always was; CPU: faster in 13_bench); None (older configs): CUDA only
     sync_bn: bool | None = None         # None: on CUDA under DDP
     workers: int = 1
     threads: int = 0                    # >0: torch.set_num_threads; 0: torch's default (loader='folder' on 2 cores: use 1)

@@ -157,8 +157,8 @@ def test_clutter_levels_order_the_share_of_object_free_local_crops():
 
 @pytest.mark.parametrize('kind', ['MultiCrop', 'BatchMultiCrop'])
 def test_channel_scramble_reaches_both_loaders(kind):
-    "The config's p_shuffle / p_invert reach the crops of both loaders: with p_invert=1 and no other photometric op,"
-    "the first global view is the inverted view of the same box (same seed; later crops draw from a shifted stream)."
+    """The config's p_shuffle / p_invert reach the crops of both loaders: with p_invert=1 and no other photometric op,
+    the first global view is the inverted view of the same box (same seed; later crops draw from a shifted stream)."""
     from scfs.config import get_config
     from scfs.loader import views_for
     from scfs.augment import BatchMultiCrop

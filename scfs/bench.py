@@ -137,22 +137,22 @@ def _batch(s, device, seed=0):
 
 
 # %% ../nbs/13_bench.ipynb #bb13e002
-def bench_config(method: str, s: dict):
+def bench_config(method: str, s: dict, **changes):
     """The `Config` the benchmark trains: the `tiny` preset (what `scfs pretrain` trains) with the model sizes of the
     settings `s`. On CPU these are the preset's own, so the bench times exactly the trained model; on a GPU the
-    same recipe at ResNet-50 size."""
+    same recipe at ResNet-50 size. `changes`: settings that differ from the preset (e.g. a peer's objective)."""
     from scfs.config import get_config
     ov = dict(method=method, backbone=s['backbone'], backbone_kw=s.get('backbone_kw') or {}, global_size=s['global_size'],
               local_size=s['local_size'], n_local=s.get('n_local_step', s['n_local']), out_dim=s['out_dim'],
               head_hidden=s['head_hidden'], layer_out_dim=s['layer_out_dim'])
     if 'head_bottleneck' in s: ov['head_bottleneck'] = s['head_bottleneck']
-    return get_config('tiny', **ov)
+    return get_config('tiny', **ov, **changes)
 
-def _model(method, s, device):
-    "The model of `bench_config`, built by the trainer's own `build_model` (one path from settings to model)."
+def _model(method, s, device, **changes):
+    "The model of `bench_config(method, s, **changes)`, built by the trainer's own `build_model` (one path from settings to model)."
     from scfs.model import build_model
     torch.manual_seed(0)
-    m = build_model(bench_config(method, s)).to(device)
+    m = build_model(bench_config(method, s, **changes)).to(device)
     if s['channels_last']: m = m.to(memory_format=torch.channels_last)
     return m
 

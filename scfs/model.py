@@ -236,28 +236,33 @@ class SCFS(TeacherStudent):
         self.losses = nn.ModuleDict(dict(dino=DINOLoss(out_dim, 2 + n_local, centering=centering, **temps),
                                          **{l: SearchLoss(layer_out_dim, **temps) for l in layers}))
 
-    def forward(self, crops, epoch: int = 0, boxes=None, flips=None) -> dict:
-        """`crops`: 2 global views (B, 3, H, W), then the local crops (B, 3, h, w); `boxes` (B, V, 4), `flips` (B, V):
-        where each crop came from (`BatchMultiCrop`), needed only by the localisation term. Returns the dict above."""
-        if len(crops) < 2 + bool(self.search_layers): raise ValueError("need 2 global views (and local crops for 'scfs')")
-        loc = self.loc_weight > 0 and len(crops) > 2
-        if loc and (boxes is None or flips is None):
-            raise ValueError("loc_weight > 0: forward needs the crops' boxes and flips (as BatchMultiCrop returns them)")
-        globals_ = torch.cat(crops[:2])
-        s = self.student_forward(globals_, torch.cat(crops[2:]) if len(crops) > 2 else None, self.loc_layers if loc else ())
-        t = self.teacher.targets(globals_)
-        total, out = dino_term(self.losses["dino"], s, t, epoch, self.koleo_weight)
-        maps = {}
-        for l in self.search_layers:
-            term, parts, maps[l] = search_term(self.losses[l], self.teacher["layer_heads"][l], s, t, l, epoch,
-                                               self.search_keys, self.search_softmax, self.search_temperature)
-            total = total + self.layer_weights[l] * term
-            out.update(parts)
-        if loc:
-            term, parts = locate_term(s, boxes, flips, self.loc_layers, self.loc_temp)
-            total = total + self.loc_weight * term
-            out.update(parts)
-        return {**out, "loss": total, "maps": maps}
+
+# %% ../nbs/06_model.ipynb #c3f0c00a
+def _forward(self: SCFS, crops, epoch: int = 0, boxes=None, flips=None) -> dict:
+    """`crops`: 2 global views (B, 3, H, W), then the local crops (B, 3, h, w); `boxes` (B, V, 4), `flips` (B, V):
+    where each crop came from (`BatchMultiCrop`), needed only by the localisation term. Returns the dict above."""
+    if len(crops) < 2 + bool(self.search_layers): raise ValueError("need 2 global views (and local crops for 'scfs')")
+    loc = self.loc_weight > 0 and len(crops) > 2
+    if loc and (boxes is None or flips is None):
+        raise ValueError("loc_weight > 0: forward needs the crops' boxes and flips (as BatchMultiCrop returns them)")
+    globals_ = torch.cat(crops[:2])
+    t = self.teacher.targets(globals_)   # teacher first (no graph): same outputs, and its buffers are free again for the student's
+    s = self.student_forward(globals_, torch.cat(crops[2:]) if len(crops) > 2 else None, self.loc_layers if loc else ())
+    total, out = dino_term(self.losses["dino"], s, t, epoch, self.koleo_weight)
+    maps = {}
+    for l in self.search_layers:
+        term, parts, maps[l] = search_term(self.losses[l], self.teacher["layer_heads"][l], s, t, l, epoch,
+                                           self.search_keys, self.search_softmax, self.search_temperature)
+        total = total + self.layer_weights[l] * term
+        out.update(parts)
+    if loc:
+        term, parts = locate_term(s, boxes, flips, self.loc_layers, self.loc_temp)
+        total = total + self.loc_weight * term
+        out.update(parts)
+    return {**out, "loss": total, "maps": maps}
+
+_forward.__name__, _forward.__qualname__ = 'forward', 'SCFS.forward'
+SCFS.forward = _forward   # in its own cell, as fastcore's `@patch` would put it
 
 # %% ../nbs/06_model.ipynb #c3f0c008
 def build_model(cfg: Config) -> SCFS:

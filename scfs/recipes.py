@@ -14,8 +14,9 @@ from .experiments import load_results, ci95, _locked_update
 # %% auto #0
 __all__ = ['RECIPES', 'BENCHMARKS', 'DIGIT_LADDER', 'BENCH_SCENES', 'LADDER_RECIPES', 'CROP_SWEEP', 'CROP_SWEEP_RESULTS',
            'MAIN_JOB', 'README_RECIPES', 'run_recipe', 'recipe_rows', 'recipe_markdown', 'ladder_markdown',
-           'ladder_verdict', 'background_share', 'crop_sweep_jobs', 'run_crop_sweep', 'crop_sweep_rows',
-           'crop_sweep_markdown', 'crop_sweep_verdict', 'record_run', 'main_job_markdown', 'readme_results']
+           'ladder_verdict', 'probe_rows', 'probe_markdown', 'probe_verdict', 'background_share', 'crop_sweep_jobs',
+           'run_crop_sweep', 'crop_sweep_rows', 'crop_sweep_markdown', 'crop_sweep_verdict', 'record_run',
+           'main_job_markdown', 'readme_results']
 
 # %% ../nbs/12a_recipes.ipynb #8f004f6f
 RECIPES = 'nbs/results/recipes.json'
@@ -39,6 +40,16 @@ def _knn_pair(run_dir, cfg, split: str) -> tuple:
                          seed=cfg.seed, **ev)['acc']
     return trained, rnd
 
+def _linear_pair(run_dir, cfg, split: str) -> tuple:
+    """(trained teacher, random init) linear-probe top-1 on `split`, probe fitted on train: tells a readout problem
+    (the features hold the class, the kNN cannot find it) from features that do not hold it at all."""
+    from scfs.evaluate import linear_checkpoint
+    data = Path(cfg.data)
+    trained = linear_checkpoint(Path(run_dir) / 'checkpoint_last.pth', data / 'train', data / split, size=cfg.eval_size)['acc']
+    rnd = linear_checkpoint(None, data / 'train', data / split, size=cfg.eval_size, backbone=cfg.backbone,
+                            backbone_kw=cfg.backbone_kw, seed=cfg.seed)['acc']
+    return trained, rnd
+
 def _recipe_auroc(run_dir, cfg, n: int) -> dict:
     "On-object AUROC per layer of a recipe run's teacher search maps on `n` val scenes (`scfs.scores.object_auroc`)."
     from scfs.scores import object_auroc
@@ -50,12 +61,13 @@ def _recipe_auroc(run_dir, cfg, n: int) -> dict:
 
 # %% ../nbs/12a_recipes.ipynb #194960c3
 def run_recipe(name: str, overrides: dict, seed: int, bench: str = 'shapes', *, path=RECIPES, out_root='runs/recipes',
-               threads: int = 1, keep: bool = False, test: bool = False, auroc: int = 0, log=print) -> dict:
+               threads: int = 1, keep: bool = False, test: bool = False, auroc: int = 0, linear: bool = False, log=print) -> dict:
     """Train the `tiny` preset with `overrides` on benchmark `bench` (generated on first use) with `seed`, then store
     the kNN of its teacher and of a random-init backbone on the **val** split, the minutes and the monitor curve in
     `path`; `test=True` (final tables only, never tuning) also stores both on test. A (name, bench, seed) already
     stored is skipped: the runner is resumable. `auroc=n`: also the on-object AUROC per layer of the teacher's search
-    maps on `n` val scenes (`scfs.scores.object_auroc`, views at the run's sizes), before the run folder goes."""
+    maps on `n` val scenes (`scfs.scores.object_auroc`, views at the run's sizes), before the run folder goes;
+    `linear=True`: also the linear-probe accuracy on val of both backbones (`val_linear`, `random_val_linear`)."""
     from scfs.config import get_config
     from scfs.runfiles import read_metrics
     from scfs.train import train
@@ -76,6 +88,7 @@ def run_recipe(name: str, overrides: dict, seed: int, bench: str = 'shapes', *, 
              gain=val - rnd, minutes=minutes, steps=len(read_metrics(run_dir, 'step')), monitor=mon,
              state=eps[-1].get('state') if eps else None, date=time.strftime('%Y-%m-%d'), threads=threads)
     if test: r.update(test_knn=tst, random_test_knn=rnd_t)
+    if linear: r['val_linear'], r['random_val_linear'] = _linear_pair(run_dir, cfg, 'val')
     if auroc: r['auroc'] = _recipe_auroc(run_dir, cfg, auroc)
     _locked_update(path, lambda d: d['runs'].append(r))
     if not keep: shutil.rmtree(run_dir, ignore_errors=True)
@@ -153,6 +166,34 @@ def ladder_verdict(results, name: str = 'tiny-dino', need: float = 10.0) -> str:
     say = lambda b: f"{b} {_pm(rows[b]['gain'], rows[b]['gain_ci'])} ({_learns(rows[b], need)})" if b in rows else f'{b} not run'
     return '\n'.join(f'{what}: {say(a)} -> {say(b)}' for what, a, b in _STEPS)
 
+# %% ../nbs/12a_recipes.ipynb #a9d1c0e2
+def probe_rows(results, names=None) -> list[dict]:
+    """Per (recipe, benchmark) over the runs that stored a linear probe: seeds, and the gain over random init (mean,
+    95 % half-width) of the val kNN and of the val linear probe."""
+    groups = {}
+    for r in results:
+        if 'val_linear' in r and (names is None or r['name'] in names): groups.setdefault((r['name'], r['bench']), []).append(r)
+    return [dict(name=n, bench=b, n=len(rs), seeds=sorted(r['seed'] for r in rs),
+                 knn=ci95([r['gain'] for r in rs])[:2], linear=ci95([r['val_linear'] - r['random_val_linear'] for r in rs])[:2],
+                 val_linear=statistics.fmean(r['val_linear'] for r in rs),
+                 random_linear=statistics.fmean(r['random_val_linear'] for r in rs))
+            for (n, b), rs in sorted(groups.items(), key=lambda kv: (list(BENCHMARKS).index(kv[0][1]) if kv[0][1] in BENCHMARKS else 99, kv[0][0]))]
+
+def probe_markdown(rows) -> str:
+    out = ['| recipe | benchmark | seeds | kNN gain ± 95 % CI | linear probe (%) | random init | linear gain ± 95 % CI |',
+           '|---|---|---|---|---|---|---|']
+    out += [f"| {r['name']} | {r['bench']} | {r['n']} | {_pm(*r['knn'])} | {r['val_linear']:.1f} | {r['random_linear']:.1f} | "
+            f"{_pm(*r['linear'])} |" for r in rows]
+    return '\n'.join(out)
+
+def probe_verdict(rows) -> str:
+    "One line per row: does the linear probe's gain interval lie above 0 (the features hold more of the class than random init)?"
+    def say(m, h):
+        if h is None: return 'one seed: no interval'
+        return 'above 0' if m - h > 0 else 'below 0' if m + h < 0 else 'includes 0'
+    return '\n'.join(f"{r['name']} [{r['bench']}]: kNN gain {_pm(*r['knn'])} ({say(*r['knn'])}), linear-probe gain "
+                     f"{_pm(*r['linear'])} ({say(*r['linear'])}) over {r['n']} seeds" for r in rows)
+
 # %% ../nbs/12a_recipes.ipynb #93a4adc3
 CROP_SWEEP = {'ls0.1': (0.1, 0.4), 'ls0.03': (0.03, 0.12), 'ls0.008': (0.008, 0.03)}   # level -> local_scale (tiny: 0.1-0.4)
 CROP_SWEEP_RESULTS = 'nbs/results/crop_sweep.json'
@@ -174,9 +215,10 @@ def background_share(scale, clutter='low', n: int = 300, size: int = 64, seed: i
 
 def crop_sweep_jobs(seeds=(0, 1)) -> list:
     """(name, overrides, seed) of the sweep, seed-major with DINO and SCFS side by side: a sweep cut short has pairs.
-    Without the localisation term and colour scrambling (`loc_weight=0`, `p_shuffle=p_invert=0`): the sweep began
-    before they joined the preset, and its seeds must all be the same recipe."""
-    return [(f'{m}@{lvl}', dict(method=m, local_scale=sc, loc_weight=0.0, p_shuffle=0.0, p_invert=0.0), s) for s in seeds for lvl, sc in CROP_SWEEP.items()
+    Without the localisation term and colour scrambling (`loc_weight=0`, `p_shuffle=p_invert=0`) and in the contiguous
+    layout (`channels_last=False`): the sweep began before these joined the preset, and its seeds must all be the same
+    recipe (stored runs of seeds 0-4 carry no `channels_last` key: it was the CPU default then)."""
+    return [(f'{m}@{lvl}', dict(method=m, local_scale=sc, loc_weight=0.0, p_shuffle=0.0, p_invert=0.0, channels_last=False), s) for s in seeds for lvl, sc in CROP_SWEEP.items()
             for m in ('dino', 'scfs')]
 
 def run_crop_sweep(seeds=(0, 1), shard=(0, 1), path=CROP_SWEEP_RESULTS, **kw):
@@ -280,6 +322,11 @@ def readme_results(results_dir='nbs/results') -> str:
                   'it and colour scrambling (`tiny-dino`, the preset now), read on val (from `nbs/results/recipes.json`; '
                   'explained in `nbs/12a_recipes.ipynb`):', '',
                   ladder_markdown(load_results(d / 'recipes.json'))]
+    probes = probe_rows(load_results(d / 'recipes.json'), names=['tiny', 'tiny-dino'])
+    if probes:
+        parts += ['', '**Is it the readout?** The same runs read by a linear probe on the frozen features (fitted on train, '
+                  'read on val; runs stored with a probe only, from `nbs/results/recipes.json`):', '',
+                  probe_markdown(probes), '', '```', probe_verdict(probes), '```']
     sweep = load_results(d / 'crop_sweep.json')
     if sweep:
         rows = crop_sweep_rows(sweep, {l: background_share(sc, n=500) for l, sc in CROP_SWEEP.items()})

@@ -130,3 +130,30 @@ def test_readme_results_are_generated_from_the_stored_runs():
     for f in tmp.glob('*.json'): shutil.copy(f, alt / f.name)
     (alt / 'main_job.json').write_text(json.dumps(d))
     assert readme_results(alt).strip() not in readme
+
+
+# --- sizes a maintainer can hold in mind (issue 14): modules of ~400 lines at most, export cells of ~40 ---
+MAX_MODULE_LINES, MAX_EXPORT_CELL_LINES = 420, 45
+
+def _long_export_cells(nbs_dir, limit):
+    import json
+    out = []
+    for p in sorted(pathlib.Path(nbs_dir).glob('*.ipynb')):
+        for c in json.loads(p.read_text())['cells']:
+            src = ''.join(c['source'])
+            if c['cell_type'] == 'code' and src.startswith('#| export') and len(src.splitlines()) > limit:
+                out.append((p.name, c.get('id'), len(src.splitlines())))
+    return out
+
+def test_modules_and_export_cells_stay_small():
+    long_modules = [(p.name, n) for p in PKG.glob('*.py') if p.name != '_modidx.py'
+                    and (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES]
+    assert not long_modules, long_modules
+    assert not _long_export_cells(ROOT / 'nbs', MAX_EXPORT_CELL_LINES), _long_export_cells(ROOT / 'nbs', MAX_EXPORT_CELL_LINES)
+
+def test_size_rule_can_fail(tmp_path):
+    import json
+    cell = dict(cell_type='code', id='x', metadata={}, outputs=[], execution_count=None,
+                source=['#| export\n'] + ['x = 1\n'] * MAX_EXPORT_CELL_LINES)
+    (tmp_path / 'a.ipynb').write_text(json.dumps(dict(cells=[cell], metadata={}, nbformat=4, nbformat_minor=5)))
+    assert _long_export_cells(tmp_path, MAX_EXPORT_CELL_LINES) == [('a.ipynb', 'x', MAX_EXPORT_CELL_LINES + 1)]

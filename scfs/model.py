@@ -246,7 +246,7 @@ def _forward(self: SCFS, crops, epoch: int = 0, boxes=None, flips=None) -> dict:
     if loc and (boxes is None or flips is None):
         raise ValueError("loc_weight > 0: forward needs the crops' boxes and flips (as BatchMultiCrop returns them)")
     globals_ = torch.cat(crops[:2])
-    t = self.teacher.targets(globals_)   # teacher first (no graph): same outputs, and its buffers are free again for the student's
+    t = self.teacher.targets(globals_)   # teacher first (no graph): the same loss, and its buffers are free again for the student's
     s = self.student_forward(globals_, torch.cat(crops[2:]) if len(crops) > 2 else None, self.loc_layers if loc else ())
     total, out = dino_term(self.losses["dino"], s, t, epoch, self.koleo_weight)
     maps = {}

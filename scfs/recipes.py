@@ -31,23 +31,16 @@ BENCH_SCENES = {b: dict(kind='digits', clutter=dict(object_size=s, distractors=d
 BENCHMARKS.update({b: 'data/' + b.replace('digits', 'digit-scenes') for b in BENCH_SCENES})
 
 # %% ../nbs/12a_recipes.ipynb #aa12e00b
-def _knn_pair(run_dir, cfg, split: str) -> tuple:
-    "(trained teacher, random init) kNN top-1 of a recipe run on `split` of its data, memory bank = train."
-    from scfs.evaluate import knn_checkpoint
-    data, ev = Path(cfg.data), dict(size=cfg.eval_size, k=cfg.knn_k, T=cfg.knn_T)
-    trained = knn_checkpoint(Path(run_dir) / 'checkpoint_last.pth', data / 'train', data / split, **ev)['acc']
-    rnd = knn_checkpoint(None, data / 'train', data / split, backbone=cfg.backbone, backbone_kw=cfg.backbone_kw,
-                         seed=cfg.seed, **ev)['acc']
-    return trained, rnd
-
-def _linear_pair(run_dir, cfg, split: str) -> tuple:
-    """(trained teacher, random init) linear-probe top-1 on `split`, probe fitted on train: tells a readout problem
-    (the features hold the class, the kNN cannot find it) from features that do not hold it at all."""
-    from scfs.evaluate import linear_checkpoint
+def _probe_pair(run_dir, cfg, split: str, probe: str = 'knn') -> tuple:
+    """(trained teacher, random init) top-1 of a recipe run on `split` of its data, fitted on train: `probe='knn'` (the
+    run's k and T) or `'linear'` (a linear probe, which tells a readout problem -- the features hold the class, the
+    kNN cannot find it -- from features that do not hold it at all)."""
+    from scfs.evaluate import knn_checkpoint, linear_checkpoint
+    fn, kw = (knn_checkpoint, dict(k=cfg.knn_k, T=cfg.knn_T)) if probe == 'knn' else (linear_checkpoint, {})
     data = Path(cfg.data)
-    trained = linear_checkpoint(Path(run_dir) / 'checkpoint_last.pth', data / 'train', data / split, size=cfg.eval_size)['acc']
-    rnd = linear_checkpoint(None, data / 'train', data / split, size=cfg.eval_size, backbone=cfg.backbone,
-                            backbone_kw=cfg.backbone_kw, seed=cfg.seed)['acc']
+    folders, kw = (data / 'train', data / split), dict(kw, size=cfg.eval_size)
+    trained = fn(Path(run_dir) / 'checkpoint_last.pth', *folders, **kw)['acc']
+    rnd = fn(None, *folders, backbone=cfg.backbone, backbone_kw=cfg.backbone_kw, seed=cfg.seed, **kw)['acc']
     return trained, rnd
 
 def _recipe_auroc(run_dir, cfg, n: int) -> dict:
@@ -80,15 +73,15 @@ def run_recipe(name: str, overrides: dict, seed: int, bench: str = 'shapes', *, 
     cfg = get_config('tiny', data=BENCHMARKS[bench], **overrides, seed=seed, out=str(run_dir), eval=False,
                      progress=False, tensorboard=False, force=True, threads=threads)
     t0 = time.time(); train(cfg); minutes = (time.time() - t0) / 60
-    val, rnd = _knn_pair(run_dir, cfg, 'val')
-    if test: tst, rnd_t = _knn_pair(run_dir, cfg, 'test')
+    val, rnd = _probe_pair(run_dir, cfg, 'val')
+    if test: tst, rnd_t = _probe_pair(run_dir, cfg, 'test')
     mon = [(m['step'], m['knn']) for m in read_metrics(run_dir, 'monitor')]
     eps = read_metrics(run_dir, 'epoch')
     r = dict(name=name, bench=bench, seed=seed, overrides=overrides, method=cfg.method, val_knn=val, random_val_knn=rnd,
              gain=val - rnd, minutes=minutes, steps=len(read_metrics(run_dir, 'step')), monitor=mon,
              state=eps[-1].get('state') if eps else None, date=time.strftime('%Y-%m-%d'), threads=threads)
     if test: r.update(test_knn=tst, random_test_knn=rnd_t)
-    if linear: r['val_linear'], r['random_val_linear'] = _linear_pair(run_dir, cfg, 'val')
+    if linear: r['val_linear'], r['random_val_linear'] = _probe_pair(run_dir, cfg, 'val', 'linear')
     if auroc: r['auroc'] = _recipe_auroc(run_dir, cfg, auroc)
     _locked_update(path, lambda d: d['runs'].append(r))
     if not keep: shutil.rmtree(run_dir, ignore_errors=True)
@@ -177,7 +170,9 @@ def probe_rows(results, names=None) -> list[dict]:
                  knn=ci95([r['gain'] for r in rs])[:2], linear=ci95([r['val_linear'] - r['random_val_linear'] for r in rs])[:2],
                  val_linear=statistics.fmean(r['val_linear'] for r in rs),
                  random_linear=statistics.fmean(r['random_val_linear'] for r in rs))
-            for (n, b), rs in sorted(groups.items(), key=lambda kv: (list(BENCHMARKS).index(kv[0][1]) if kv[0][1] in BENCHMARKS else 99, kv[0][0]))]
+            for (n, b), rs in sorted(groups.items(), key=lambda kv: (_bench_order(kv[0][1]), kv[0][0]))]
+
+def _bench_order(b): return list(BENCHMARKS).index(b) if b in BENCHMARKS else len(BENCHMARKS)
 
 def probe_markdown(rows) -> str:
     out = ['| recipe | benchmark | seeds | kNN gain ± 95 % CI | linear probe (%) | random init | linear gain ± 95 % CI |',

@@ -74,7 +74,8 @@ class CropSettings:
 class OptimSettings:
     "Optimiser, schedules, EMA teacher, temperatures and loss options."
     epochs: int = 25
-    batch_size: int = 64                # total over all processes
+    batch_size: int = 64                # total over all processes (when batch_size_per_gpu is 0)
+    batch_size_per_gpu: int = 0         # >0: the batch of each process, as DINO's --batch_size_per_gpu: the total is this x processes
     optimizer: str = 'adamw'            # 'sgd' or 'adamw'
     lr: float = 1e-2                    # for a batch of 256; scaled by batch_size/256
     min_lr: float = 1e-5
@@ -139,20 +140,21 @@ class Config(RunSettings, OptimSettings, CropSettings, ModelSettings, DataSettin
 # %% ../nbs/05a_config.ipynb #d0d12222
 # the official DINO/SCFS recipe for what the tiny preset changes (see its table): the GPU presets keep it
 _OFFICIAL = dict(head_bn=False, layer_weights=None, centering='ema', koleo_weight=0.0, loc_weight=0.0, jitter=(0.4, 0.4, 0.2, 0.1),
-                 p_jitter=0.8, p_grey=0.2, p_shuffle=0.0, p_invert=0.0, freeze_last_layer=1)
+                 p_jitter=0.8, p_grey=0.2, p_shuffle=0.0, p_invert=0.0, freeze_last_layer=1, layer_init='torch')
 PRESETS = {
     'tiny': {},
+    'tiny-official': dict(_OFFICIAL),   # the official objective at tiny sizes (its departures: the table in 06_model)
     'resnet18': dict(_OFFICIAL, backbone='resnet18', backbone_kw={}, data='data/train', generate=False, loader='folder', out_dim=16384, head_hidden=2048,
-                     head_bottleneck=256, layer_out_dim=256, global_size=96, local_size=48, n_local=6,
-                     global_scale=(0.25, 1.0), local_scale=(0.05, 0.25), epochs=100, batch_size=256, optimizer='sgd',
+                     head_bottleneck=256, layer_out_dim=256, layer_bottleneck=256, global_size=96, local_size=48, n_local=6,
+                     global_scale=(0.25, 1.0), local_scale=(0.05, 0.25), epochs=100, batch_size=256, batch_size_per_gpu=64, optimizer='sgd',
                      lr=0.1, min_lr=0.0048, weight_decay=1e-4, weight_decay_end=1e-4, warmup_epochs=10,
                      momentum_teacher=0.996, warmup_teacher_temp=0.04, teacher_temp=0.07,
                      warmup_teacher_temp_epochs=30, workers=8, threads=0, save_every=10, eval_size=96),
     'resnet50-imagenet': dict(_OFFICIAL, backbone='resnet50', backbone_kw={}, data='data/imagenet/train', generate=False, loader='folder',
                               knn_train='data/imagenet/train', knn_val='data/imagenet/val', out_dim=65536,
-                              head_hidden=2048, head_bottleneck=256, layer_out_dim=256, global_size=224, local_size=96,
+                              head_hidden=2048, head_bottleneck=256, layer_out_dim=256, layer_bottleneck=256, global_size=224, local_size=96,
                               n_local=8, global_scale=(0.25, 1.0), local_scale=(0.05, 0.25), epochs=200,
-                              batch_size=256, optimizer='sgd', lr=0.1, min_lr=0.0048, momentum=0.9,
+                              batch_size=256, batch_size_per_gpu=32, optimizer='sgd', lr=0.1, min_lr=0.0048, momentum=0.9,
                               weight_decay=1e-4, weight_decay_end=1e-4, warmup_epochs=10, clip_grad=3.0,
                               momentum_teacher=0.996, warmup_teacher_temp=0.04,
                               teacher_temp=0.07, warmup_teacher_temp_epochs=50, workers=10, threads=0, save_every=10,

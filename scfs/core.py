@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['quick_mode', 'ScfsError', 'atomic_write']
+__all__ = ['quick_mode', 'ScfsError', 'atomic_write', 'source_hash']
 
 # %% ../nbs/00_core.ipynb #d9974089
 def quick_mode() -> bool:
@@ -32,4 +32,24 @@ def atomic_write(path, data) -> Path:
     finally:
         if tmp.exists(): tmp.unlink()
     return path
+
+
+# %% ../nbs/00_core.ipynb #8ce0737f
+_SOURCE_HASH = None
+
+def _package_dir() -> Path:
+    return Path(__file__).parent if '__file__' in globals() else Path(__import__('scfs').__file__).parent
+
+def source_hash(root=None) -> str:
+    """A short hash of the package's sources (every `scfs/*.py`, by name and content): stored with every result, so
+    that a number can be traced to the code that produced it. Without `root` it is taken once per process, at the
+    first call (a run calls it when it starts), so a file edited during a run does not change what the run reports."""
+    global _SOURCE_HASH
+    if root is None and _SOURCE_HASH is not None: return _SOURCE_HASH
+    import hashlib
+    h = hashlib.sha256()
+    for p in sorted(Path(root or _package_dir()).glob('*.py')): h.update(p.name.encode() + b'\0' + p.read_bytes() + b'\0')
+    if root is not None: return h.hexdigest()[:16]
+    _SOURCE_HASH = h.hexdigest()[:16]
+    return _SOURCE_HASH
 

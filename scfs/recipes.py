@@ -54,13 +54,14 @@ def _recipe_auroc(run_dir, cfg, n: int) -> dict:
 
 # %% ../nbs/12a_recipes.ipynb #194960c3
 def run_recipe(name: str, overrides: dict, seed: int, bench: str = 'shapes', *, path=RECIPES, out_root='runs/recipes',
-               threads: int = 1, keep: bool = False, test: bool = False, auroc: int = 0, linear: bool = False, log=print) -> dict:
-    """Train the `tiny` preset with `overrides` on benchmark `bench` (generated on first use) with `seed`, then store
+               preset: str = 'tiny', threads: int = 1, keep: bool = False, test: bool = False, auroc: int = 0, linear: bool = False, log=print) -> dict:
+    """Train `preset` (default `tiny`) with `overrides` on benchmark `bench` (generated on first use) with `seed`, then store
     the kNN of its teacher and of a random-init backbone on the **val** split, the minutes and the monitor curve in
     `path`; `test=True` (final tables only, never tuning) also stores both on test. A (name, bench, seed) already
     stored is skipped: the runner is resumable. `auroc=n`: also the on-object AUROC per layer of the teacher's search
     maps on `n` val scenes (`scfs.scores.object_auroc`, views at the run's sizes), before the run folder goes;
-    `linear=True`: also the linear-probe accuracy on val of both backbones (`val_linear`, `random_val_linear`)."""
+    `linear=True`: also the linear-probe accuracy on val of both backbones (`val_linear`, `random_val_linear`).
+    Every record carries its provenance: `config` (every `Config` field as it ran) and `source_hash` (`scfs.core`)."""
     from scfs.config import get_config
     from scfs.runfiles import read_metrics
     from scfs.train import train
@@ -70,16 +71,17 @@ def run_recipe(name: str, overrides: dict, seed: int, bench: str = 'shapes', *, 
     if bench in BENCH_SCENES:
         from scfs.data import ensure_scenes
         ensure_scenes(BENCHMARKS[bench], **BENCH_SCENES[bench])
-    cfg = get_config('tiny', data=BENCHMARKS[bench], **overrides, seed=seed, out=str(run_dir), eval=False,
+    cfg = get_config(preset, data=BENCHMARKS[bench], **overrides, seed=seed, out=str(run_dir), eval=False,
                      progress=False, tensorboard=False, force=True, threads=threads)
-    t0 = time.time(); train(cfg); minutes = (time.time() - t0) / 60
+    t0 = time.time(); res = train(cfg); minutes = (time.time() - t0) / 60
     val, rnd = _probe_pair(run_dir, cfg, 'val')
     if test: tst, rnd_t = _probe_pair(run_dir, cfg, 'test')
     mon = [(m['step'], m['knn']) for m in read_metrics(run_dir, 'monitor')]
     eps = read_metrics(run_dir, 'epoch')
     r = dict(name=name, bench=bench, seed=seed, overrides=overrides, method=cfg.method, val_knn=val, random_val_knn=rnd,
              gain=val - rnd, minutes=minutes, steps=len(read_metrics(run_dir, 'step')), monitor=mon,
-             state=eps[-1].get('state') if eps else None, date=time.strftime('%Y-%m-%d'), threads=threads)
+             state=eps[-1].get('state') if eps else None, date=time.strftime('%Y-%m-%d'), threads=threads,
+             config=json.loads((run_dir / 'config.json').read_text()), source_hash=res.get('source_hash'))
     if test: r.update(test_knn=tst, random_test_knn=rnd_t)
     if linear: r['val_linear'], r['random_val_linear'] = _probe_pair(run_dir, cfg, 'val', 'linear')
     if auroc: r['auroc'] = _recipe_auroc(run_dir, cfg, auroc)
@@ -284,7 +286,8 @@ def record_run(run_dir, name: str, path=MAIN_JOB, wall_s: float | None = None) -
     r = dict(name=name, method=cfg['method'], preset=cfg['preset'], changed=diff, epochs=cfg['epochs'],
              steps=sum(e.get('iters', 0) for e in eps), **{k: res.get(k) for k in ('knn', 'random_knn', 'val_knn',
              'random_val_knn', 'epoch_time', 'time')}, wall_s=wall_s, date=time.strftime('%Y-%m-%d'),
-             machine=f'{platform.machine()} {os.cpu_count()} CPU cores', torch=torch.__version__)
+             machine=f'{platform.machine()} {os.cpu_count()} CPU cores', torch=torch.__version__, config=cfg,
+             source_hash=res.get('source_hash'))
     _locked_update(path, lambda d: d.__setitem__('runs', [x for x in d['runs'] if x['name'] != name] + [r]))
     return r
 

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .data import ScfsError, quick_mode, ensure_scenes, load_images
+from .core import source_hash
 from .augment import BatchMultiCrop
 from .config import Config, get_config, config_from_dict, config_diff, same_setting, validate_config, _NAMES
 from .model import build_model, cosine_schedule
@@ -157,6 +158,7 @@ def debug_faults() -> dict:
 # %% ../nbs/07_train.ipynb #a949e870
 def setup_run(cfg: Config, device: torch.device, rank: int = 0, world: int = 1) -> TrainingRun:
     "Everything before the first step: run folder, resume checkpoint, data, model, optimizer, schedules, metrics log."
+    source_hash()                       # fixed now: the code this run imported (results.json stores it)
     amp, channels_last, sync_bn = _runtime_settings(cfg, device, world)
     rd = _prepare_run_dir(cfg)
     ckpt = _resume_checkpoint(cfg, rd, world) if cfg.resume else None
@@ -347,7 +349,7 @@ def finish_run(run: TrainingRun, epoch_times: list, t_start: float) -> dict:
     res = dict(run_dir=rd, knn=None, random_knn=None, knn_all=None, history=read_metrics(rd, 'epoch') if main else [],
                epoch_time=float(np.mean(epoch_times)) if epoch_times else None)
     if main and cfg.eval: res.update(final_knn(run))
-    res['time'] = time.time() - t_start
+    res['time'], res['source_hash'] = time.time() - t_start, source_hash()
     if main:
         (rd / 'results.json').write_text(json.dumps({k: (str(v) if isinstance(v, Path) else v)
                                                      for k, v in res.items() if k != 'history'}, indent=1))

@@ -4,7 +4,8 @@ import pytest, torch
 from scfs import bench
 from scfs.cli import main
 
-KEYS = ('search_over_floor', 'search_speedup', 'scfs_over_dino_step', 'step_over_bare', 'loader_over_step', 'batch_over_v2_loader')
+KEYS = ('search_over_floor', 'search_speedup', 'scfs_over_dino_step', 'room_scfs_over_dino_step', 'step_over_bare', 'loader_over_step',
+        'batch_over_v2_loader')
 
 
 def test_time_interleaved_counts_and_order():
@@ -55,6 +56,10 @@ def test_cli_quick_json(capsys):
     lo, hi = t['scfs_over_dino_step_range']
     assert lo <= r['scfs_over_dino_step'] <= hi and t['step_pairs'] == len(ratios) == 1
     assert abs(r['search_speedup'] - t['search_loop_s'] / t['search_vectorised_s']) < 1e-9
+    room = t['room_raw_step_times']   # the room ratio: SCFS and DINO steps of the same run, round by round
+    assert sorted(room) == ['dino', 'scfs'] and len(room['scfs']) == len(room['dino']) == t['room_step_pairs'] == 1
+    assert r['room_scfs_over_dino_step'] == pytest.approx(room['scfs'][0] / room['dino'][0], rel=1e-12)
+    assert t['room_map_sides'] == {'layer2': 16, 'layer3': 8, 'layer4': 4} and t['room_scfs_step_s'] > 0
     assert abs(r['search_over_floor'] - t['search_vectorised_s'] / t['search_write_floor_s']) < 1e-9
     assert r['settings']['batch'] == 4 and t['loader_images'] == 12  # 4 batches of 4, the first is warm-up
     b, v = t['batch_loader_images_per_s'], t['v2_loader_images_per_s']   # one repeat: the ratio is the two rates' ratio
@@ -74,13 +79,53 @@ def test_cli_rejects_batch_of_one(capsys):
 
 
 def test_format_bench_marks_misses():
-    r = dict(search_over_floor=1.1, search_speedup=10.0, scfs_over_dino_step=2.0, step_over_bare=1.0, loader_over_step=3.0,
-             batch_over_v2_loader=4.0, device='cpu', device_name='x', torch='t', threads=2, quick=True,
+    r = dict(search_over_floor=1.1, search_speedup=10.0, scfs_over_dino_step=2.0, room_scfs_over_dino_step=1.3, step_over_bare=1.0,
+             loader_over_step=3.0, batch_over_v2_loader=4.0, device='cpu', device_name='x', torch='t', threads=2, quick=True,
              timings=dict(scfs_step_s=.2, dino_step_s=.1, bare_step_s=.2, loader_images_per_s=100., step_images_per_s=40.,
-                          scfs_over_dino_step_range=[1.5, 2.5], step_pairs=7))
+                          scfs_over_dino_step_range=[1.5, 2.5], step_pairs=7, room_scfs_over_dino_step_range=[1.2, 1.4],
+                          room_step_pairs=3, room_scfs_step_s=.4, room_dino_step_s=.3, room_map_sides=dict(layer2=16, layer3=8)))
     s = bench.format_bench(r)
-    assert 'scfs_over_dino_step' in s and s.count('MISSED') == 1 and s.count(' ok') == 5
+    assert 'scfs_over_dino_step' in s and s.count('MISSED') == 2 and s.count(' ok') == 5
     assert 'range 1.50-2.50 over 7 pairs' in s and 'search_speedup' in s and '(GPU)' in s
+    room = next(l for l in s.splitlines() if l.startswith('room_scfs_over_dino_step'))
+    assert 'MISSED' in room and 'range 1.20-1.40 over 3 pairs' in room and 'teacher maps 16x16, 8x8' in s
+    assert 'ok' in bench.format_bench(dict(r, room_scfs_over_dino_step=1.25)).splitlines()[4]   # the goal is <= 1.25
+
+
+def test_step_ratio_is_the_median_of_same_round_ratios():
+    "Made-up timings: each ratio pairs the SCFS and DINO steps of one round; a slow round does not drag the median."
+    t = {'scfs': [2., 3., 10.], 'dino': [1., 2., 1.], 'bare': [1., 1., 1.]}
+    r = bench.step_ratios(t, batch=8)
+    assert r['scfs_over_dino_step'] == 2.0 and r['scfs_over_dino_step_range'] == [1.5, 10.0] and r['step_pairs'] == 3
+    assert r['scfs_step_s'] / r['dino_step_s'] == 3.0   # the ratio of the medians would be 3
+    assert r['step_over_bare'] == 3.0 and r['step_images_per_s'] == 8 / 3.0 and r['raw_step_times'] is t
+    assert 'step_over_bare' not in bench.step_ratios({k: t[k] for k in ('scfs', 'dino')}, 8)
+
+
+def test_room_ratio_from_one_interleaved_run(monkeypatch):
+    "The room ratio comes from one `time_interleaved` call timing both steps of the room model (fake timings, no clock)."
+    calls = []
+    def fake(fns, device, repeats, warmup, alternate=False):
+        calls.append((sorted(fns), repeats, alternate))
+        return {'scfs': [1.3, 1.1, 5.0], 'dino': [1.0, 1.0, 1.0]}
+    monkeypatch.setattr(bench, 'time_interleaved', fake)
+    r = bench.bench_room_steps('cpu', dict(bench.bench_settings('cpu', quick=True), batch=4), repeats=3, warmup=0)
+    assert calls == [(['dino', 'scfs'], 3, True)]
+    assert r['room_scfs_over_dino_step'] == pytest.approx(1.3) and r['room_scfs_over_dino_step_range'] == [pytest.approx(1.1), 5.0]
+    assert r['room_step_pairs'] == 3 and 'room_step_over_bare' not in r
+
+
+def test_room_settings_are_the_room_regime():
+    "`get_config('tiny-official', global_size=64, local_size=32)`: the tiny model, official objective, 16/8/4 maps."
+    from dataclasses import asdict
+    from scfs.config import get_config, same_setting
+    s = bench.room_settings(bench.bench_settings('cpu', quick=True))
+    cfg = bench.bench_config('scfs', s)
+    assert same_setting(asdict(cfg), asdict(get_config('tiny-official', global_size=64, local_size=32))) and cfg.preset == 'tiny-official'
+    assert not same_setting(asdict(cfg), asdict(get_config('tiny-official', global_size=64)))   # the comparison can fail
+    assert bench.map_sides(cfg) == {'layer2': 16, 'layer3': 8, 'layer4': 4}
+    assert bench.map_sides(get_config('tiny')) == {'layer2': 8, 'layer3': 4, 'layer4': 2}
+    assert s['batch'] == bench.bench_settings('cpu', quick=True)['batch']   # the run's batch and repeats are kept
 
 
 @pytest.mark.parametrize('method', ['scfs', 'dino'])

@@ -4,15 +4,16 @@
 
 # %% ../nbs/06b_distributed.ipynb #83423de9
 from __future__ import annotations
-import os, datetime
+import os, gc, datetime
 import torch
 import torch.distributed as dist
 
+from .core import ScfsError
 from .evaluate import resolve_device
 
 # %% auto #0
 __all__ = ['dist_env', 'is_dist', 'get_rank', 'get_world_size', 'is_main', 'barrier', 'init_distributed', 'cleanup_distributed',
-           'all_reduce_mean']
+           'all_reduce_mean', 'batch_sizes', 'free_cuda_memory', 'fitting_batch', 'guard_first_step']
 
 # %% ../nbs/06b_distributed.ipynb #7cb68572
 def dist_env() -> dict:
@@ -63,3 +64,47 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(x)
         x /= dist.get_world_size()
     return x
+
+# %% ../nbs/06b_distributed.ipynb #b1a0c002
+def batch_sizes(cfg, world: int = 1) -> tuple:
+    """(per process, total) batch of the settings `cfg` on `world` processes, with DINO's semantics: `batch_size_per_gpu`
+    > 0 is each process's batch and the total is that x `world`; 0: `batch_size` is the total, divided over the processes."""
+    if world < 1: raise ValueError(f'world must be >= 1, got {world}')
+    per_gpu = getattr(cfg, 'batch_size_per_gpu', 0) or 0            # configs saved before the setting existed: 0
+    if per_gpu > 0: return per_gpu, per_gpu * world
+    if cfg.batch_size % world:
+        raise ScfsError(f'batch_size {cfg.batch_size} is not divisible by {world} processes '
+                        f'(or set batch_size_per_gpu, the batch of each process)')
+    return cfg.batch_size // world, cfg.batch_size
+
+# %% ../nbs/06b_distributed.ipynb #b1a0c005
+def free_cuda_memory():
+    "Release what a failed step left behind: garbage-collect, then return the CUDA cache (no-op without CUDA)."
+    gc.collect()
+    if torch.cuda.is_available(): torch.cuda.empty_cache()
+
+def fitting_batch(try_step, batch: int) -> int:
+    """The largest of batch/2, batch/4, ..., 1 for which `try_step(n)` (a training step on `n` images) runs without
+    `torch.cuda.OutOfMemoryError`; 0 if not even one image fits."""
+    n = batch // 2
+    while n >= 1:
+        try:
+            try_step(n)
+            return n
+        except torch.cuda.OutOfMemoryError: pass
+        free_cuda_memory()
+        n //= 2
+    return 0
+
+def guard_first_step(step, try_step, per: int, world: int = 1):
+    """`step()`, the first training step of a run with `per` images per process. Out of CUDA memory there raises one
+    `ScfsError` naming `batch_size_per_gpu=N` that fits (`fitting_batch` with `try_step`; under torchrun: a guess, half)."""
+    try: return step()
+    except torch.cuda.OutOfMemoryError: pass        # leave the handler first: its traceback holds the step's tensors
+    free_cuda_memory()
+    head = f'out of GPU memory at the first step with {per} images per GPU'
+    if world > 1:
+        raise ScfsError(f'{head}; try batch_size_per_gpu={max(per // 2, 1)} (a guess, half: under torchrun the step is not retried)')
+    n = fitting_batch(try_step, per)
+    if n == 0: raise ScfsError(f'{head}; not even 1 image fits: use a smaller backbone or crops (global_size, local_size, n_local)')
+    raise ScfsError(f'{head}; a step on {n} of them fits: rerun with batch_size_per_gpu={n} (the lr follows the total batch)')

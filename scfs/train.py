@@ -5,7 +5,7 @@
 # %% ../nbs/07_train.ipynb #e08914c4
 from __future__ import annotations
 import os, sys, json, math, time, random, shutil, signal, warnings
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
 import numpy as np
 import torch
@@ -20,21 +20,22 @@ from .config import Config, get_config, config_from_dict, config_diff, same_sett
 from .model import build_model, cosine_schedule
 from .evaluate import knn_checkpoint, KnnMonitor
 from .losses import collapse_state
-from .distributed import init_distributed, cleanup_distributed, all_reduce_mean, is_main, barrier
+from .distributed import init_distributed, cleanup_distributed, all_reduce_mean, is_main, barrier, batch_sizes, guard_first_step
 from .loader import ResumableSampler, SeededDataset, MemoryLoader, resolve_data, views_for, build_loader
 from .runfiles import save_checkpoint, load_checkpoint, rng_state, set_rng_state, MetricsLog, read_metrics, plot_loss_curve
 
 # %% auto #0
 __all__ = ['make_schedules', 'param_groups', 'build_optimizer', 'clip_gradients', 'cancel_last_layer_grads', 'TrainingRun',
            'debug_faults', 'setup_run', 'checkpoint_state', 'restore_state', 'collapse_states', 'end_epoch',
-           'monitor_knn', 'step_record', 'set_schedules', 'optimizer_step', 'train_one_epoch', 'train', 'finish_run',
-           'final_knn', 'term_gradient_norms']
+           'monitor_knn', 'step_record', 'set_schedules', 'optimizer_step', 'train_step', 'train_one_epoch', 'train',
+           'finish_run', 'final_knn', 'term_gradient_norms']
 
 # %% ../nbs/07_train.ipynb #20ab41bd
-def make_schedules(cfg: Config, niter_per_ep: int) -> dict:
-    """The per-iteration lr (scaled by batch/256), weight-decay and EMA-momentum schedules of `cfg`.
-    The lr warm-up is capped at half the run (a short run, e.g. `epochs=1`, then has no warm-up instead of an error)."""
-    lr0 = cfg.lr * cfg.batch_size / 256
+def make_schedules(cfg: Config, niter_per_ep: int, world: int = 1) -> dict:
+    """The per-iteration lr (scaled by the total batch / 256 on `world` processes: `batch_sizes`), weight-decay and
+    EMA-momentum schedules of `cfg`. The lr warm-up is capped at half the run (a short run, e.g. `epochs=1`, then has
+    no warm-up instead of an error)."""
+    lr0 = cfg.lr * batch_sizes(cfg, world)[1] / 256
     warm = min(cfg.warmup_epochs, cfg.epochs // 2)
     return dict(lr=cosine_schedule(lr0, cfg.min_lr, cfg.epochs, niter_per_ep, warm),
                 wd=cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, niter_per_ep),
@@ -160,25 +161,26 @@ def setup_run(cfg: Config, device: torch.device, rank: int = 0, world: int = 1) 
     "Everything before the first step: run folder, resume checkpoint, data, model, optimizer, schedules, metrics log."
     source_hash()                       # fixed now: the code this run imported (results.json stores it)
     amp, channels_last, sync_bn = _runtime_settings(cfg, device, world)
+    per, total = batch_sizes(cfg, world)                # DINO's semantics: batch_size_per_gpu, else batch_size is the total
+    # TODO(lead): scfs.loader.check_data(cfg) goes here, before the run folder is made (another helper is writing it)
     rd = _prepare_run_dir(cfg)
     ckpt = _resume_checkpoint(cfg, rd, world) if cfg.resume else None
     train_dir, knn_train, knn_val, val_dir = resolve_data(cfg)
     if is_main():
-        print(f'scfs pretrain: preset {cfg.preset!r}, method {cfg.method!r}, device {device}, {world} process(es), amp {amp}')
+        print(f'scfs pretrain: preset {cfg.preset!r}, method {cfg.method!r}, device {device}, {world} process(es) x {per} '
+              f'images (batch {total}), amp {amp}')
         print(f'settings that differ from the preset: {json.dumps(config_diff(cfg), default=str)} '
               f'(all in {rd / "config.json"})', flush=True)
         (rd / 'config.json').write_text(json.dumps(asdict(cfg), indent=1, default=str))
-
     random.seed(cfg.seed); np.random.seed(cfg.seed); torch.manual_seed(cfg.seed)
-    sds, sampler, loader = build_loader(cfg, train_dir, world, rank, device)
-    niter = sampler.num_samples // (cfg.batch_size // world)
-    if cfg.max_iters: niter = min(niter, cfg.max_iters)
+    sds, sampler, loader = build_loader(replace(cfg, batch_size=total), train_dir, world, rank, device)   # the loader splits the total
+    niter = min(sampler.num_samples // per, cfg.max_iters or sampler.num_samples)   # max_iters > 0 caps it
     model = build_model(cfg).to(device)
     if sync_bn: model.sync_batchnorm()
     if channels_last: model = model.to(memory_format=torch.channels_last)
     run = TrainingRun(cfg=cfg, device=device, world=world, run_dir=rd, model=model, opt=build_optimizer(cfg, model),
                       scaler=torch.amp.GradScaler('cuda', enabled=(amp == 'fp16')), sds=sds, sampler=sampler,
-                      loader=loader, niter=niter, sched=make_schedules(cfg, niter),
+                      loader=loader, niter=niter, sched=make_schedules(cfg, niter, world),
                       autocast=torch.autocast(device_type=device.type, enabled=amp != 'off',
                                               dtype=torch.float16 if amp == 'fp16' else torch.bfloat16),
                       channels_last=channels_last, knn_train=knn_train, knn_val=knn_val, val_dir=val_dir,
@@ -278,11 +280,22 @@ def _check_finite(run: TrainingRun, lv: float, epoch: int, i: int, it: int):
                         f'checkpoint is {run.ck_path}' + ('' if run.ck_path.exists() else ' (none saved yet)') +
                         '; try a lower lr or clip_grad')
 
+def train_step(run: TrainingRun, crops: list, boxes, flips, epoch: int, i: int, it: int) -> tuple:
+    "Global step `it` (iteration `i` of `epoch`) on one batch of crops (on the device): (loss averaged over processes, model output)."
+    set_schedules(run.opt, run.sched, it)
+    with run.autocast: out = run.model(crops, epoch, boxes, flips)   # teacher + student, all losses
+    loss = out['loss'] * float('nan') if it == run.faults.get('nan_at') else out['loss']
+    lv = float(all_reduce_mean(loss.float()))                       # one host sync per step: the log and the NaN check
+    _check_finite(run, lv, epoch, i, it)
+    optimizer_step(run, loss, epoch, it)
+    return lv, out
+
 # %% ../nbs/07_train.ipynb #7a1b2c3d
 def train_one_epoch(run: TrainingRun, epoch: int, start_it: int = 0) -> dict:
     "The steps of `epoch` from iteration `start_it`; returns dict(iters, and the epoch mean of every step scalar)."
     cfg, niter, faults = run.cfg, run.niter, run.faults
-    run.sds.epoch = epoch; run.sampler.set_epoch(epoch); run.sampler.start = start_it * (cfg.batch_size // run.world)
+    per = batch_sizes(cfg, run.world)[0]                                # images per process and step
+    run.sds.epoch = epoch; run.sampler.set_epoch(epoch); run.sampler.start = start_it * per
     sums, n = {}, 0
     bar = tqdm(total=niter, initial=start_it, desc=f'epoch {epoch + 1}/{cfg.epochs}', file=sys.stdout,
                disable=not (run.main and cfg.progress), dynamic_ncols=True, leave=True)
@@ -290,14 +303,13 @@ def train_one_epoch(run: TrainingRun, epoch: int, start_it: int = 0) -> dict:
         for i, batch in enumerate(run.loader, start=start_it):
             if i >= niter: break
             it = epoch * niter + i                                      # global step: indexes the schedules
-            set_schedules(run.opt, run.sched, it)
             crops = [c.to(run.device, non_blocking=True) for c in batch['crops']]
             if run.channels_last: crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
-            with run.autocast: out = run.model(crops, epoch, batch['boxes'], batch['flips'])   # teacher + student, all losses
-            loss = out['loss'] * float('nan') if it == faults.get('nan_at') else out['loss']
-            lv = float(all_reduce_mean(loss.float()))                   # one host sync per step: the log and the NaN check
-            _check_finite(run, lv, epoch, i, it)
-            optimizer_step(run, loss, epoch, it)
+            args = (run, crops, batch['boxes'], batch['flips'], epoch, i, it)
+            if n == 0 and epoch == run.start_epoch:                     # the run's first step: out of memory names a batch that fits
+                part = lambda m: (run, [c[:m] for c in crops], batch['boxes'][:m], batch['flips'][:m], epoch, i, it)
+                lv, out = guard_first_step(lambda: train_step(*args), lambda m: train_step(*part(m)), per, run.world)
+            else: lv, out = train_step(*args)
             rec = step_record(out, lv, run.sched, epoch, i, it)
             for k, v in rec.items():
                 if k not in _POSITION: sums[k] = sums.get(k, 0.0) + v

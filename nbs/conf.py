@@ -55,6 +55,11 @@ html_theme_options = {
     'navigation_with_keys': False,
 }
 html_last_updated_fmt = None
+html_css_files = ['scfs.css']                    # written by `_write_css` below: a wider page, compact result tables
+_CSS = '''.bd-page-width { max-width: 100rem; }
+.cell_output table { font-size: 0.85em; }
+.cell_output table td, .cell_output table th { padding: 0.25em 0.5em; }
+'''
 
 
 def jupyter_slug(title: str) -> str:
@@ -165,6 +170,12 @@ def _outputs_inside(app):
     app.env.mystnb_config = app.env.mystnb_config.copy(output_folder=str(Path(app.outdir) / '.jupyter_execute'))
 
 
+def _write_css(app, exc):
+    if exc is None and app.builder.format == 'html':
+        (Path(app.outdir) / '_static' / 'scfs.css').write_text(_CSS)
+
+
 def setup(app):
+    app.connect('build-finished', _write_css)
     app.connect('source-read', _source_read)
     app.connect('builder-inited', _outputs_inside, priority=900)   # after myst-nb's own builder-inited

@@ -117,3 +117,18 @@ def test_cli_exits_2_with_one_line(scenes, tmp_path, monkeypatch, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith('scfs pretrain: error: out of GPU memory') and err[0].endswith('(the lr follows the total batch)')
+
+
+def test_gpu_check_writes_the_file_on_cpu(tmp_path):
+    "What a learner sends back, written by a dry run on the CPU: device, torch, memory and measured step times."
+    import json
+    from scfs.launch import gpu_check
+    res = gpu_check(out=str(tmp_path / 'gc'), device='cpu', presets=('tiny',), batches=(4, 8), steps=1, warmup=0, epochs=0)
+    sent = json.loads((tmp_path / 'gc' / 'gpu_check.json').read_text())
+    assert sent == json.loads(json.dumps(res, default=str))
+    assert (sent['device'], sent['torch'], sent['memory_gb'], sent['pretrain']) == ('cpu', torch.__version__, None, None)
+    assert [(s['preset'], s['batch_size']) for s in sent['steps']] == [('tiny', 4), ('tiny', 8)]
+    assert all(s['step_s'] > 0 and s['images_per_s'] > 0 for s in sent['steps'])
+    if not torch.cuda.is_available():
+        with pytest.raises(ScfsError, match='gpu_check needs a CUDA device'): gpu_check(out=str(tmp_path / 'x'))
+        assert not (tmp_path / 'x').exists()

@@ -81,16 +81,18 @@ def _imports_show_doc(cells) -> bool:
 
 
 def _add_import(cell) -> bool:
-    "Add IMPORT after the last top-level import statement of `cell`; False if the cell has none."
+    "Add IMPORT after the first run of top-level import statements of `cell`; False if the cell has none."
     src = _src(cell)
     lines = src.splitlines()
     n_dir = 0
     while n_dir < len(lines) and _DIRECTIVE.match(lines[n_dir]): n_dir += 1
     tree = _parse('\n'.join(lines[n_dir:]))
     if tree is None: return False
-    imps = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
-    if not imps: return False
-    at = n_dir + max(n.end_lineno for n in imps)          # line index just after the last import statement
+    is_imp = [isinstance(n, (ast.Import, ast.ImportFrom)) for n in tree.body]
+    if not any(is_imp): return False
+    k = is_imp.index(True)
+    while k + 1 < len(is_imp) and is_imp[k + 1]: k += 1   # the end of the cell's first run of import statements
+    at = n_dir + tree.body[k].end_lineno
     lines.insert(at, IMPORT)
     cell['source'] = _lines('\n'.join(lines) + ('\n' if src.endswith('\n') else ''))
     return True

@@ -1,6 +1,6 @@
 """Sphinx settings of the course site (the role of nbdev's `_quarto.yml`): myst-nb renders the notebooks as stored.
 
-Build (README's ci:docs block): `python -m sphinx -b html -j 2 -q -W --keep-going nbs _docs` -> `_docs/index.html`.
+Build (README's ci:docs block): `python -m sphinx -b html -E -j 2 -q -W --keep-going nbs _docs` -> `_docs/index.html`.
 Nothing is executed. At read time each notebook is shown as nbdev would show it (`_nbdev_view`): `#| hide` and
 `#| default_exp` cells dropped, `#| ...` directive lines stripped, `show_doc(...)` cells shown by their output only,
 and a widget output replaced by the figure stored in its saved state. MathJax is served from `_static/mathjax`
@@ -41,7 +41,7 @@ nb_merge_streams = True
 myst_enable_extensions = ['dollarmath', 'amsmath', 'colon_fence']
 myst_heading_anchors = 3
 myst_heading_slug_func = 'conf.jupyter_slug'    # Jupyter's heading ids, so `NB.ipynb#Some-heading` links work
-suppress_warnings = ['myst.header', 'mystnb.unknown_mime_type', 'config.cache']
+suppress_warnings = ['myst.header']            # a notebook may skip a heading level: not an error
 
 html_theme = 'sphinx_book_theme'
 html_title = 'scfs — Semantics-Consistent Feature Search'

@@ -75,7 +75,6 @@ def test_readme_course_parser():
     assert readme_course(text) == {'Lessons': ['01_a', '02_b'], 'Lab': ['12_c']}
 
 
-@pytest.mark.xfail(reason='README headings pending', strict=True)
 def test_readme_lists_the_course_in_site_order():
     got = readme_course((ROOT / 'README.md').read_text())
     assert got == COURSE, f'README.md tables vs nbs/conf.py COURSE:\nREADME {got}\nsite   {COURSE}'

@@ -4,12 +4,15 @@
 
 # %% ../nbs/05a_config.ipynb #44f81795
 from __future__ import annotations
-import json, difflib
+import json, difflib, math, numbers, re, warnings
 from dataclasses import dataclass, field, asdict, fields
+from functools import lru_cache
 from pathlib import Path
+import torch
 
 from .data import ScfsError, DEFAULT_SCENES, DEFAULT_CLUTTER
-from .backbone import LAYERS
+from .shapes import CLUTTER
+from .backbone import LAYERS, build_backbone
 
 # %% auto #0
 __all__ = ['PRESETS', 'DataSettings', 'ModelSettings', 'CropSettings', 'OptimSettings', 'RunSettings', 'Config',
@@ -143,7 +146,9 @@ _OFFICIAL = dict(head_bn=False, layer_weights=None, centering='ema', koleo_weigh
                  p_jitter=0.8, p_grey=0.2, p_shuffle=0.0, p_invert=0.0, freeze_last_layer=1, layer_init='torch')
 PRESETS = {
     'tiny': {},
-    'tiny-official': dict(_OFFICIAL),   # the official objective at tiny sizes (its departures: the table in 06_model)
+    # the official objective at tiny sizes: DINO's teacher temperature 0.04 -> 0.07 (as resnet50-imagenet), its warm-up
+    # scaled to 25 epochs (50 of 200 -> 6); sizes, optimiser and EMA schedule stay tiny's (the table in 06_model)
+    'tiny-official': dict(_OFFICIAL, warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=6),
     'resnet18': dict(_OFFICIAL, backbone='resnet18', backbone_kw={}, data='data/train', generate=False, loader='folder', out_dim=16384, head_hidden=2048,
                      head_bottleneck=256, layer_out_dim=256, layer_bottleneck=256, global_size=96, local_size=48, n_local=6,
                      global_scale=(0.25, 1.0), local_scale=(0.05, 0.25), epochs=100, batch_size=256, batch_size_per_gpu=64, optimizer='sgd',
@@ -170,6 +175,7 @@ def _parse_value(key: str, text: str, current):
     t = text.strip()
     try:
         if t.lower() in ('none', 'null') and not isinstance(current, (bool, int, float)): return None
+        if current is None and 'str' in _ANNOTATIONS[key]: return t          # a folder named 2024 stays a string
         if isinstance(current, bool):
             if t.lower() in ('1', 'true', 'yes', 'on'): return True
             if t.lower() in ('0', 'false', 'no', 'off'): return False
@@ -186,6 +192,8 @@ def _parse_value(key: str, text: str, current):
     except (ValueError, json.JSONDecodeError):
         raise ScfsError(f'bad value for {key}: {text!r} (expected {type(current).__name__})') from None
 
+_ANNOTATIONS = {f.name: str(f.type) for f in fields(Config)}
+
 def _auto(t: str):
     "Best guess for a value whose field has no typed default: JSON if it parses, else the string."
     try: v = json.loads(t)
@@ -199,52 +207,138 @@ def _check_keys(keys):
             close = difflib.get_close_matches(k, sorted(_NAMES), n=1)
             raise ScfsError(f'unknown config key {k!r}' + (f' (did you mean {close[0]!r}?)' if close else ''))
 
+# %% ../nbs/05a_config.ipynb #bb94d6dc
+# what each setting accepts: a choice among names, or a range (`>= n`, `> n`, `[a, b]` with both ends allowed)
+_CHOICES = dict(preset=tuple(PRESETS), method=('scfs', 'dino'), layer_init=('kaiming', 'torch'), search_keys=('first', 'both'),
+                loader=('memory', 'folder'), optimizer=('sgd', 'adamw'), centering=('ema', 'sinkhorn'),
+                amp=('auto', 'bf16', 'fp16', 'off'), scenes_clutter=tuple(CLUTTER))
+_RANGES = dict(
+    scenes_train='>= 1', scenes_test='>= 0', scenes_size='>= 16', subset='>= 0',                       # data
+    out_dim='>= 1', head_hidden='>= 1', head_bottleneck='>= 1', layer_out_dim='>= 1',                  # model
+    global_size='>= 1', local_size='>= 1', n_local='>= 0', memory_size='>= 1',                         # crops
+    p_jitter='[0, 1]', p_grey='[0, 1]', p_shuffle='[0, 1]', p_invert='[0, 1]',
+    epochs='>= 1', batch_size='>= 2', batch_size_per_gpu='>= 0', lr='> 0', min_lr='>= 0', momentum='[0, 1]',  # optimisation
+    weight_decay='>= 0', weight_decay_end='>= 0', warmup_epochs='>= 0', clip_grad='>= 0', freeze_last_layer='>= 0',
+    momentum_teacher='[0, 1]', warmup_teacher_temp='> 0', teacher_temp='> 0', warmup_teacher_temp_epochs='>= 0',
+    student_temp='> 0', center_momentum='[0, 1]', koleo_weight='>= 0', loc_weight='>= 0', loc_temp='> 0',
+    seed=f'[0, {2 ** 32 - 1}]', workers='>= 0', threads='>= 0', save_every='>= 0', save_every_iters='>= 0',   # run
+    max_iters='>= 0', eval_size='>= 1', knn_k='>= 1', knn_T='> 0', monitor_every='>= 0', monitor_n='>= 2')
+_PATHS = ('data', 'knn_train', 'knn_val', 'out')        # str (or a path object), never empty
+_DEVICE = re.compile(r'(auto|cpu|mps|cuda(:\d+)?)')
+
+def _in_range(v, rule: str) -> bool:
+    "Whether the number `v` satisfies `rule` ('>= 1', '> 0' or '[0, 1]')."
+    if rule.startswith('['):
+        lo, hi = (float(x) for x in rule[1:-1].split(','))
+        return lo <= v <= hi
+    op, x = rule.split()
+    return v >= float(x) if op == '>=' else v > float(x)
+
+# %% ../nbs/05a_config.ipynb #a0aca279
+_KINDS = {'int': numbers.Integral, 'float': numbers.Real, 'bool': bool, 'str': str, 'tuple': (tuple, list), 'dict': dict}
+_ALSO = {'layer_weights': dict, 'layer_bottleneck': float}   # also: weights by layer name; a bottleneck as a fraction of C
+
+def _check_type(name: str, v, annotation, bad):
+    "Refuse a value that is not of the field's annotated type (a bool is not a number here) or a number that is not finite."
+    kinds = [k.strip() for k in str(annotation).split('|')]
+    if v is None:
+        if 'None' not in kinds: bad(f'{name} must be {" or ".join(kinds)}, got None')
+        return
+    ok = [_KINDS[k] for k in kinds if k in _KINDS] + ([_ALSO[name]] if name in _ALSO else [])
+    if name in _PATHS and hasattr(v, '__fspath__'): return
+    if isinstance(v, bool) and bool not in ok or not any(isinstance(v, t) for t in ok):
+        bad(f'{name} must be {" or ".join(k for k in kinds if k != "None")}, got {v!r} ({type(v).__name__})')
+    items = v.values() if isinstance(v, dict) and name == 'layer_weights' else v if isinstance(v, (tuple, list)) else [v]
+    for x in items:
+        if isinstance(x, numbers.Real) and not isinstance(x, bool) and not math.isfinite(x):
+            bad(f'{name} must be finite, got {v!r}')
+
 # %% ../nbs/05a_config.ipynb #2287ebdb
 def validate_config(cfg: Config):
-    "Raise `ScfsError` (one line) for impossible or incompatible settings."
+    """Raise `ScfsError` -- one line that names the field and what it accepts -- for a setting of the wrong type,
+    out of its range, or at odds with another setting (the tables above, then the relations below)."""
     def bad(msg): raise ScfsError(msg)
-    if cfg.method not in ('scfs', 'dino'): bad(f"method must be 'scfs' or 'dino', not {cfg.method!r}")
-    if cfg.optimizer not in ('sgd', 'adamw'): bad(f"optimizer must be 'sgd' or 'adamw', not {cfg.optimizer!r}")
-    if cfg.amp not in ('auto', 'bf16', 'fp16', 'off'): bad(f"amp must be auto, bf16, fp16 or off, not {cfg.amp!r}")
-    if cfg.epochs < 1: bad('epochs must be >= 1')
-    if cfg.batch_size < 1: bad('batch_size must be >= 1')
-    if cfg.method == 'scfs' and cfg.n_local < 1: bad('method scfs needs n_local >= 1 (the search uses local crops)')
-    if cfg.warmup_epochs >= cfg.epochs and cfg.warmup_epochs > 0 and cfg.epochs > 1:
-        bad(f'warmup_epochs ({cfg.warmup_epochs}) must be smaller than epochs ({cfg.epochs})')
-    if cfg.resume and cfg.force: bad('--resume and --force are incompatible (resume continues a run, force deletes it)')
-    if cfg.lr <= 0 or cfg.min_lr < 0: bad('lr must be > 0 and min_lr >= 0')
-    if cfg.search_keys not in ('first', 'both'): bad(f"search_keys must be 'first' or 'both', not {cfg.search_keys!r}")
-    if cfg.centering not in ('ema', 'sinkhorn'): bad(f"centering must be 'ema' or 'sinkhorn', not {cfg.centering!r}")
-    if cfg.loader not in ('memory', 'folder'): bad(f"loader must be 'memory' or 'folder', not {cfg.loader!r}")
-    if len(cfg.jitter) != 4 or min(cfg.jitter) < 0: bad(f'jitter needs 4 non-negative strengths (brightness, contrast, saturation, hue), got {cfg.jitter}')
-    for k in ('p_jitter', 'p_grey', 'p_shuffle', 'p_invert'):
-        if not 0 <= getattr(cfg, k) <= 1: bad(f'{k} is a probability: 0 <= {k} <= 1, got {getattr(cfg, k)}')
+    for f in fields(cfg): _check_type(f.name, getattr(cfg, f.name), f.type, bad)
+    for k, options in _CHOICES.items():
+        if getattr(cfg, k) not in options: bad(f"{k} must be one of {', '.join(options)}, got {getattr(cfg, k)!r}")
+    for k, rule in _RANGES.items():
+        if not _in_range(getattr(cfg, k), rule): bad(f"{k} must be {'in ' * (rule[0] == '[')}{rule}, got {getattr(cfg, k)}")
+    for k in _PATHS:
+        if getattr(cfg, k) is not None and not str(getattr(cfg, k)).strip(): bad(f'{k} must not be empty')
+    if not _DEVICE.fullmatch(cfg.device): bad(f"device must be auto, cpu, mps, cuda or cuda:N, got {cfg.device!r}")
+    _validate_run(cfg, bad)
+    _validate_crops(cfg, bad)
     _validate_model(cfg, bad)
 
+def _validate_run(cfg: Config, bad):
+    "Relations between the run's settings."
+    if cfg.resume and cfg.force: bad('--resume and --force are incompatible (resume continues a run, force deletes it)')
+    if cfg.warmup_epochs >= cfg.epochs > 1:     # one epoch: no warm-up (make_schedules caps it at half the run)
+        bad(f'warmup_epochs ({cfg.warmup_epochs}) must be smaller than epochs ({cfg.epochs})')
+    if cfg.batch_size_per_gpu == 1: bad('batch_size_per_gpu must be 0 (use batch_size) or >= 2 (BatchNorm needs 2 images)')
+
+# %% ../nbs/05a_config.ipynb #c019ee29
+def _numbers(name: str, v, n: int, bad) -> tuple:
+    "`v` as a tuple of `n` numbers (refused otherwise)."
+    v = tuple(v)
+    if len(v) != n or not all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in v):
+        bad(f'{name} must be {n} numbers, got {v}')
+    return v
+
+def _validate_crops(cfg: Config, bad):
+    "What the crops would reject later, or what the two loaders would do differently."
+    for k in ('global_scale', 'local_scale'):
+        lo, hi = _numbers(k, getattr(cfg, k), 2, bad)
+        if not 0 < lo <= hi <= 1: bad(f'{k} must be (min, max) with 0 < min <= max <= 1, got {(lo, hi)}')
+    j = _numbers('jitter', cfg.jitter, 4, bad)    # the memory loader draws factors in [1 - s, 1 + s]: s <= 1 keeps them >= 0
+    if not all(0 <= x <= 1 for x in j[:3]) or not 0 <= j[3] <= 0.5:
+        bad(f'jitter must be brightness, contrast, saturation in [0, 1] and hue in [0, 0.5], got {j}')
+    s = _numbers('blur_sigma', cfg.blur_sigma, 2, bad)
+    if not 0 < s[0] <= s[1]: bad(f'blur_sigma must be (min, max) with 0 < min <= max, got {s}')
+    if cfg.loader == 'folder' and cfg.photometric:   # MultiCrop's blur pads by its radius, which must stay inside the crop
+        for name, (size, ref) in dict(global_size=(cfg.global_size, 224), local_size=(cfg.local_size, 96)).items():
+            r = math.ceil(3 * s[1] * size / ref)
+            if r >= size and (name == 'global_size' or cfg.n_local):
+                bad(f"blur_sigma max {s[1]} is too large for {name} {size} with loader='folder' (blur radius {r} px)")
+    if cfg.method == 'scfs' and cfg.n_local < 1: bad('n_local must be >= 1 for method scfs (the search uses local crops)')
+    if cfg.loc_weight and cfg.n_local < 1: bad('loc_weight > 0 needs n_local >= 1 (the term localises the local crops)')
 
 # %% ../nbs/05a_config.ipynb #9db7e063
 def _validate_model(cfg: Config, bad):
-    "What the model and the crops would reject later (after the run folder exists): caught here, as one line."
-    if cfg.n_local < 0: bad(f'n_local must be >= 0, got {cfg.n_local}')
-    for k in ('global_size', 'local_size', 'out_dim', 'head_hidden', 'head_bottleneck', 'layer_out_dim'):
-        if getattr(cfg, k) < 1: bad(f'{k} must be >= 1, got {getattr(cfg, k)}')
-    for k in ('global_scale', 'local_scale'):
+    "What the model would reject later (after the run folder exists), or would train without a word: one line here."
+    for k in ('search_layers', 'loc_layers'):
         v = tuple(getattr(cfg, k))
-        if len(v) != 2 or not 0 < v[0] <= v[1] <= 1: bad(f'{k} must be (min, max) with 0 < min <= max <= 1, got {v}')
-    unknown = [l for l in cfg.search_layers if l not in LAYERS]
-    if unknown or len(set(cfg.search_layers)) != len(cfg.search_layers):
-        bad(f'search_layers must be distinct names among {", ".join(LAYERS)}, got {", ".join(map(str, cfg.search_layers))}')
-    unknown = [l for l in cfg.loc_layers if l not in LAYERS]
-    if unknown or not cfg.loc_layers or len(set(cfg.loc_layers)) != len(cfg.loc_layers):
-        bad(f'loc_layers must be distinct names among {", ".join(LAYERS)}, got {", ".join(map(str, cfg.loc_layers)) or "none"}')
-    if cfg.loc_weight < 0 or cfg.loc_temp <= 0: bad(f'loc_weight must be >= 0 and loc_temp > 0, got {cfg.loc_weight} and {cfg.loc_temp}')
-    if cfg.loc_weight and cfg.n_local < 1: bad('loc_weight > 0 needs n_local >= 1 (the term localises the local crops)')
+        if any(l not in LAYERS for l in v) or len(set(v)) != len(v):
+            bad(f'{k} must be distinct names among {", ".join(LAYERS)}, got {", ".join(map(str, v)) or "none"}')
+    if cfg.method == 'scfs' and not cfg.search_layers:
+        bad('search_layers must name a layer for method scfs (without one it trains DINO)')
+    if not cfg.loc_layers: bad(f'loc_layers must name at least one of {", ".join(LAYERS)}')
     w = cfg.layer_weights
     if isinstance(w, dict) and set(w) - set(cfg.search_layers):
-        bad(f'layer_weights names layers that are not searched: {", ".join(sorted(set(w) - set(cfg.search_layers)))}')
+        bad(f'layer_weights names layers that are not searched: {", ".join(map(str, set(w) - set(cfg.search_layers)))}')
     if w is not None and not isinstance(w, dict) and len(w) != len(cfg.search_layers):
         bad(f'layer_weights has {len(w)} values for {len(cfg.search_layers)} search layers ({", ".join(cfg.search_layers)})')
+    vals = [] if w is None else list(w.values()) if isinstance(w, dict) else list(w)
+    if not all(isinstance(x, numbers.Real) and not isinstance(x, bool) and x >= 0 for x in vals):
+        bad(f'layer_weights must be numbers >= 0, got {w}')
+    b = cfg.layer_bottleneck
+    if b is not None and not (b >= 1 if isinstance(b, numbers.Integral) else 0 < b <= 1):
+        bad(f'layer_bottleneck must be None (C/4), an int >= 1 or a fraction of C in (0, 1], got {b}')
+    err = _backbone_error(cfg.backbone, json.dumps(cfg.backbone_kw, sort_keys=True, default=str))
+    if err: bad(err)
 
+@lru_cache(maxsize=64)
+def _backbone_error(name: str, kw: str) -> str | None:
+    "Why `build_backbone(name, **json.loads(kw))` fails (built on the meta device: no memory, a few ms), or None."
+    try:
+        with warnings.catch_warnings(), torch.device('meta'):
+            warnings.simplefilter('ignore')
+            bb = build_backbone(name, **json.loads(kw))
+    except ScfsError as e: return str(e)
+    except Exception as e:
+        return f'backbone_kw {kw} does not build a {name!r} backbone ({type(e).__name__}: {(str(e) or "?").splitlines()[0]})'
+    if any(p.numel() == 0 for p in bb.parameters()): return f'backbone_kw {kw} gives the {name!r} backbone an empty layer'
+    return None
 
 # %% ../nbs/05a_config.ipynb #3f03fa4c
 def get_config(preset: str = 'tiny', **overrides) -> Config:

@@ -13,14 +13,14 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .core import ScfsError, atomic_write
-from .images import ImageDataset, load_images
+from .images import ImageDataset, load_images, IMG_EXTENSIONS
 from .augment import eval_transform, BatchMultiCrop
 from .backbone import build_backbone, MultiLayerBackbone, backbone_state_dict_for_export
 
 # %% auto #0
 __all__ = ['load_backbone', 'resolve_device', 'extract_features', 'knn_eval', 'knn_classify', 'linear_probe',
-           'supervised_ceiling', 'labelled_features', 'knn_checkpoint', 'linear_checkpoint', 'KnnMonitor',
-           'export_backbone', 'add_cli']
+           'supervised_ceiling', 'labelled_classes', 'check_knn_folders', 'labelled_features', 'knn_checkpoint',
+           'linear_checkpoint', 'KnnMonitor', 'export_backbone', 'add_cli']
 
 # %% ../nbs/08_evaluate.ipynb #d1985506
 def _resolve_ckpt(checkpoint) -> Path:
@@ -157,6 +157,39 @@ def supervised_ceiling(train, test, size: int = 32, steps: int = 2000, batch_siz
     acc = 100.0 * (logits.argmax(1) == tel).float().mean().item()
     return dict(acc=acc, knn=knn_classify(trf, trl, tef, tel), steps=step, seconds=time.time() - t0, chance=100.0 / C)
 
+# %% ../nbs/08_evaluate.ipynb #70f5d157
+def _has_image(d: Path) -> bool:
+    "Whether the folder `d` holds an image at any depth (stops at the first; hidden ones left out, as `ImageDataset`)."
+    return any(p.suffix.lower() in IMG_EXTENSIONS and not any(s.startswith('.') for s in p.relative_to(d).parts)
+               and p.is_file() for p in d.rglob('*'))
+
+def labelled_classes(folder) -> list:
+    """The classes of a labelled folder as `ImageDataset` numbers them: its first-level sub-folders that hold an image,
+    sorted. One-line `ScfsError` if the folder is missing or holds images outside the class sub-folders."""
+    root = Path(folder)
+    if not root.is_dir(): raise ScfsError(f'labelled folder not found: {root}')
+    loose = next((p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS
+                  and not p.name.startswith('.')), None)
+    if loose: raise ScfsError(f'{root} holds images outside class sub-folders (e.g. {loose}): one sub-folder per class')
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith('.') and _has_image(d))
+
+def check_knn_folders(train, *others) -> list:
+    """The classes of the labelled folder `train` (a kNN's memory bank, a probe's training set), refused in one line
+    (`ScfsError`) if it has fewer than 2 -- every prediction would be right, for any backbone -- or if a folder of
+    `others` (val, test) numbers its classes differently (the classes of the one with fewer must come first in the other)."""
+    classes = labelled_classes(train)
+    if len(classes) < 2:
+        raise ScfsError(f'kNN/probe folder {train} has {len(classes)} class{"" if len(classes) == 1 else "es"} '
+                        f'({", ".join(classes) or "no sub-folder with images"}): it needs a sub-folder per class, 2 or more')
+    for o in others:
+        oc = labelled_classes(o)
+        short, long_ = sorted((oc, classes), key=len)
+        if not oc or long_[:len(short)] != short:
+            a, b = next((a, b) for a, b in zip(oc + [None], classes + [None]) if a != b)
+            raise ScfsError(f'{o} and {train} number their classes differently ({len(oc)} vs {len(classes)} classes, '
+                            f'first difference: {a!r} vs {b!r})')
+    return classes
+
 # %% ../nbs/08_evaluate.ipynb #9de11606
 def labelled_features(backbone, train, val, size: int = 224, batch_size: int = 256, device='cpu', workers: int = 0) -> tuple:
     "(train features, labels, val features, labels) of two labelled folders or datasets: the input of every probe."
@@ -164,11 +197,13 @@ def labelled_features(backbone, train, val, size: int = 224, batch_size: int = 2
     tef, tel = extract_features(backbone, val, size, batch_size, device, workers)
     for p, l in ((train, trl), (val, tel)):
         if (l < 0).any(): raise ScfsError(f'evaluation needs labelled images (one sub-folder per class): {p}')
+    if len(trl.unique()) < 2: raise ScfsError(f'evaluation needs at least 2 classes in {train}, found {len(trl.unique())}')
     return trf, trl, tef, tel
 
 def _features_for(checkpoint, train, val, size, which, device, batch_size, workers, backbone, backbone_kw, seed):
     if checkpoint is None: torch.manual_seed(seed)
     bb, info = load_backbone(checkpoint, which=which, backbone=backbone, backbone_kw=backbone_kw)
+    if all(isinstance(p, (str, os.PathLike)) for p in (train, val)): check_knn_folders(train, val)   # before any feature
     size = int(size or info.get('eval_size') or 224)
     return (*labelled_features(bb, train, val, size, batch_size, device, workers), size, info)
 
@@ -206,6 +241,10 @@ class KnnMonitor:
             self.train, self.val = (torch.utils.data.Subset(both, r) for r in (range(0, len(both), 3), range(2, len(both), 3))) \
                 if len(both) < n + nq else (torch.utils.data.Subset(both, range(n)), torch.utils.data.Subset(both, range(n, n + nq)))
         self.source = 'val' if val_dir is not None else 'held-out train'
+        bank = {int(y) for _, y in self.train}
+        if len(bank) < 2 or min(bank) < 0:               # a bank of one class reads 100 % for any backbone
+            raise ScfsError(f'the kNN monitor needs labelled images of at least 2 classes in {train_dir}; its '
+                            f'{len(self.train)} bank images hold {len(bank - {-1})} (set monitor_every=0 to turn it off)')
 
     @staticmethod
     def _subset(folder, size, n, seed):
@@ -216,7 +255,6 @@ class KnnMonitor:
 
     def __call__(self, backbone: nn.Module) -> float:
         return knn_classify(*labelled_features(backbone, self.train, self.val, device=self.device), k=self.k, T=self.T)
-
 
 # %% ../nbs/08_evaluate.ipynb #5e32a15e
 def export_backbone(checkpoint, out, which: str = 'teacher') -> Path:

@@ -4,18 +4,23 @@
 
 # %% ../nbs/06c_loader.ipynb #b07438af
 from __future__ import annotations
-import time
+import itertools, os, time
 from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from .data import ScfsError, ImageDataset, DEFAULT_SCENES, DEFAULT_DIGITS, ensure_scenes, load_images
+from .shapes import SCENE_CLASSES
+from .digits import DIGIT_CLASSES
+from .images import IMG_EXTENSIONS
 from .augment import MultiCrop, BatchMultiCrop, multicrop_collate
 from .config import Config, get_config
-from .distributed import is_main, barrier
+from .distributed import is_main, barrier, batch_sizes
+from .evaluate import check_knn_folders
 
 # %% auto #0
-__all__ = ['ResumableSampler', 'SeededDataset', 'batch_seed', 'MemoryLoader', 'resolve_data', 'views_for', 'build_loader']
+__all__ = ['ResumableSampler', 'SeededDataset', 'batch_seed', 'MemoryLoader', 'generated_kind', 'data_folders', 'resolve_data',
+           'views_for', 'build_loader', 'check_data']
 
 # %% ../nbs/06c_loader.ipynb #e81569fb
 class ResumableSampler(DistributedSampler):
@@ -65,12 +70,24 @@ class MemoryLoader:
 # %% ../nbs/06c_loader.ipynb #7d769771
 _GENERATED = {DEFAULT_SCENES: 'shapes', DEFAULT_DIGITS: 'digits'}   # folders `scfs pretrain` makes on first use
 
+def generated_kind(cfg: Config) -> str | None:
+    "'shapes' or 'digits' when `cfg.data` is a folder that `scfs pretrain` generates (and `cfg.generate`), else None."
+    return next((k for p, k in _GENERATED.items() if Path(cfg.data) == Path(p)), None) if cfg.generate else None
+
+def data_folders(cfg: Config) -> tuple:
+    """(pretraining folder, kNN train folder or None, kNN test folder or None, val folder or None) of `cfg`, read
+    without writing anything: the splits of scenes that `scfs pretrain` generates count as there when they get images."""
+    data, made = Path(cfg.data), generated_kind(cfg) is not None
+    n = dict(train=cfg.scenes_train, test=cfg.scenes_test, val=cfg.scenes_test)
+    has = lambda split: n[split] > 0 if made else (data / split).is_dir()
+    ktr = Path(cfg.knn_train) if cfg.knn_train else (data / 'train' if has('test') else None)
+    kva = Path(cfg.knn_val) if cfg.knn_val else (data / 'test' if has('test') else None)
+    return data / 'train' if has('train') else data, ktr, kva, data / 'val' if has('val') and ktr is not None else None
+
 def resolve_data(cfg: Config) -> tuple:
-    """(pretraining folder, kNN train folder or None, kNN test folder or None, val folder or None); generates the
-    scenes if needed. Tuning and the online monitor read val; test is for final tables."""
-    data = Path(cfg.data)
-    kind = next((k for p, k in _GENERATED.items() if data == Path(p)), None)
-    if cfg.generate and kind is not None:
+    "`data_folders` after generating the scenes if needed. Tuning and the online monitor read val; test is for final tables."
+    data, kind = Path(cfg.data), generated_kind(cfg)
+    if kind is not None:
         if is_main():
             t = time.time()
             ensure_scenes(cfg.data, n_train=cfg.scenes_train, n_test=cfg.scenes_test, size=cfg.scenes_size,
@@ -78,14 +95,10 @@ def resolve_data(cfg: Config) -> tuple:
             if time.time() - t > 2: print(f'generated the clutter scenes in {data} ({time.time() - t:.0f} s)', flush=True)
         barrier()
     if not data.is_dir(): raise ScfsError(f'data folder not found: {data}')
-    train_dir = data / 'train' if (data / 'train').is_dir() else data
-    ktr = Path(cfg.knn_train) if cfg.knn_train else (data / 'train' if (data / 'test').is_dir() else None)
-    kva = Path(cfg.knn_val) if cfg.knn_val else (data / 'test' if (data / 'test').is_dir() else None)
+    train_dir, ktr, kva, val = data_folders(cfg)
     for p in (ktr, kva):
         if p is not None and cfg.eval and not p.is_dir(): raise ScfsError(f'kNN folder not found: {p}')
-    val = data / 'val' if (data / 'val').is_dir() and ktr is not None else None
     return train_dir, ktr, kva, val
-
 
 # %% ../nbs/06c_loader.ipynb #18112e61
 def views_for(cfg: Config, kind):
@@ -117,3 +130,39 @@ def build_loader(cfg: Config, train_dir, world: int = 1, rank: int = 0, device='
     dl = DataLoader(sds, batch_size=per, sampler=sampler, num_workers=cfg.workers, collate_fn=multicrop_collate,
                     drop_last=True, pin_memory=torch.cuda.is_available())
     return sds, sampler, dl
+
+# %% ../nbs/06c_loader.ipynb #cbc5b0fe
+def _count_images(folder: Path, enough: int) -> int:
+    "The images under `folder` (hidden files and folders left out, as `ImageDataset`), counted up to `enough`."
+    files = (p for p in folder.rglob('*') if p.suffix.lower() in IMG_EXTENSIONS
+             and not any(s.startswith('.') for s in p.relative_to(folder).parts) and p.is_file())
+    return sum(1 for _ in itertools.islice(files, enough))
+
+def check_data(cfg: Config, world: int | None = None):
+    """Refuse in one line (`ScfsError`), before anything is written, data that a run of `cfg` on `world` processes
+    (default: torchrun's WORLD_SIZE) cannot train or evaluate on: a missing or empty folder, fewer images than one
+    batch, kNN folders (the final kNN's, the monitor's) with fewer than 2 classes or numbered differently, and a run
+    folder that is a file. Scenes that `scfs pretrain` will generate are checked from their settings."""
+    world = world or int(os.environ.get('WORLD_SIZE', 1))
+    per, total = batch_sizes(cfg, world)
+    if per < 2: raise ScfsError(f'batch_size {total} on {world} processes is {per} image per process: BatchNorm needs 2')
+    if cfg.run_dir.is_file(): raise ScfsError(f'out {cfg.run_dir} is a file, not a run folder')
+    kind, (train_dir, ktr, kva, val) = generated_kind(cfg), data_folders(cfg)
+    if kind is None and not Path(cfg.data).is_dir(): raise ScfsError(f'data folder not found: {cfg.data}')
+    n = cfg.scenes_train if kind else _count_images(train_dir, total)
+    if n == 0: raise ScfsError(f'no images ({", ".join(IMG_EXTENSIONS)}) found under {train_dir}')
+    n = min(n, cfg.subset or n)
+    if n < total: raise ScfsError(f'{n} images{" (subset)" * bool(cfg.subset)} are too few for batch_size {total} '
+                                  f'({per} per process): lower batch_size')
+    final, monitor = cfg.eval and kva is not None, cfg.monitor_every > 0
+    if ktr is None or not (final or monitor): return
+    if kind:                                        # each generated split numbers the classes it holds: all of them
+        C = len(DIGIT_CLASSES if kind == 'digits' else SCENE_CLASSES)
+        for k in ('scenes_train', 'scenes_test'):
+            if 0 < getattr(cfg, k) < C: raise ScfsError(f'{k} must be 0 or >= {C} (the classes of the {kind} scenes) '
+                                                        f'for a kNN: every split must hold every class')
+    mine = lambda p: kind is not None and p.parent == Path(cfg.data)     # generated: checked above
+    folders = {'knn_train': ktr, 'knn_val': kva if final else None, 'val': val}
+    for k, p in folders.items():
+        if p is not None and not mine(p) and not p.is_dir(): raise ScfsError(f'{k} folder not found: {p}')
+    if not mine(ktr): check_knn_folders(ktr, *[p for p in (folders['knn_val'], val) if p is not None and not mine(p)])

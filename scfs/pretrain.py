@@ -45,10 +45,12 @@ def cli_config(args) -> Config:
 
 def _cli_pretrain(args):
     import matplotlib; matplotlib.use('Agg')
+    from scfs.loader import check_data
     from scfs.train import train
     cfg = cli_config(args)
     if args.print_config:
         print(json.dumps(asdict(cfg), indent=1, default=str)); return 0
+    check_data(cfg)             # the data's refusals come before the run folder: a corrected re-run needs no --force
     train(cfg)
     return 0
 

@@ -29,7 +29,7 @@ def test_presets_and_overrides():
     assert (r50.warmup_teacher_temp, r50.teacher_temp, r50.warmup_teacher_temp_epochs) == (0.04, 0.07, 50)
     assert (r50.momentum_teacher, r50.clip_grad, r50.global_size, r50.local_size, r50.n_local, r50.out_dim, r50.epochs) == (0.996, 3.0, 224, 96, 8, 65536, 200)
     assert r50.global_scale == (0.25, 1.0) and r50.local_scale == (0.05, 0.25)
-    assert set(PRESETS) == {'tiny', 'resnet18', 'resnet50-imagenet'} and get_config('resnet18').backbone == 'resnet18'
+    assert set(PRESETS) == {'tiny', 'tiny-official', 'resnet18', 'resnet50-imagenet'} and get_config('resnet18').backbone == 'resnet18'
     c = get_config('tiny', epochs='3', lr='0.01', eval='no', local_scale='0.1,0.3', backbone_kw='{"widths": [8,8,8,8]}')
     assert (c.epochs, c.lr, c.eval, c.local_scale, c.backbone_kw) == (3, 0.01, False, (0.1, 0.3), {'widths': [8, 8, 8, 8]})
     assert config_from_dict(json.loads(json.dumps(asdict(c)))) == c          # JSON round trip (tuples come back)

@@ -15,9 +15,9 @@ from ipyevents import Event
 from .search import search_features
 from .data import ScfsError, make_scene, sample_photos
 from .augment import random_resized_boxes
-from .backbone import LAYERS, build_backbone
+from .backbone import LAYERS
 from .maps import (normalize_image, as_image, backbone_maps, best_location, source_to_view, view_to_source,
-                       clip_box, load_image, overlay_map, _rect)
+                       clip_box, load_image, overlay_map, _rect, open_backbone, view_settings, SHIPPED, RANDOM)
 
 # %% auto #0
 __all__ = ['cut_view', 'random_view', 'crop_region', 'region_search', 'QueryBox', 'RegionQuery', 'render_region_match',
@@ -73,18 +73,8 @@ def _open_image(image=None, scene_index: int = 0) -> tuple:
     img, box = load_image(spec)
     return img, Path(str(spec)).name, box
 
-def _open_backbone(checkpoint=None, arch: str = 'small', seed: int = 0) -> tuple:
-    "Random-init `arch` (seed `seed`; the caller's RNG untouched) or a checkpoint's teacher -> (backbone in eval mode, name)."
-    if checkpoint in (None, ''):
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            return build_backbone(arch).eval(), f'random init ({arch})'
-    if not Path(checkpoint).exists(): raise ScfsError(f'checkpoint not found: {checkpoint}')
-    from scfs.evaluate import load_backbone   # reads every checkpoint format (08_evaluate)
-    return load_backbone(str(checkpoint))[0].eval(), Path(checkpoint).name
-
 def _check_settings(view_size, query_size, scale, layers):
-    "ScfsError unless views and query are integers >= 16 px (layer4's stride), 0 < scale[0] <= scale[1] <= 1, layers known."
+    "ScfsError unless views and query are None or integers >= 16 px (layer4's stride), 0 < scale[0] <= scale[1] <= 1, layers known."
     for name, v in (('view_size', view_size), ('query_size', query_size)):
         if v is not None and (not isinstance(v, (int, np.integer)) or v < 16):
             raise ScfsError(f'{name} must be an integer >= 16 (pixels), got {v!r}')
@@ -134,18 +124,21 @@ class QueryBox:
 class RegionQuery(QueryBox):
     """The region-match computation, no widgets: an image (`img`, `image_name`, `object_box`), two views of it (`view_a`,
     `view_b`; source boxes `box_a`, `box_b`, flips `flip_a`, `flip_b`), a query box on view A and its search in view B:
-    `query`, `maps`, `best`, `sims` always describe the current box and views. `checkpoint`: None (random init) or a file."""
-    def __init__(self, image=None, scene_index: int = 0, checkpoint=None, backbone: str = 'small', view_size: int = 64,
+    `query`, `maps`, `best`, `sims` always describe the current box and views. `backbone`: a shipped name ('tiny-scfs',
+    the trained SCFS one; 'tiny-dino'), 'random' (a random init of their architecture, seed `seed`) or a checkpoint
+    file; `view_size` None: the global view size the backbone was trained with (`scfs.maps.view_settings`)."""
+    def __init__(self, image=None, scene_index: int = 0, backbone='tiny-scfs', view_size: int | None = None,
                  query_size: int | None = None, seed: int = 0, scale=(0.4, 1.0), layers=LAYERS):
         _check_settings(view_size, query_size, scale, layers)
-        super().__init__(view_size)
-        self.query_size, self.arch, self.scale = int(query_size or max(view_size // 2, 16)), backbone, tuple(scale)
-        self.layers, self.seed, self.gen, self.view_a = tuple(layers), seed, torch.Generator().manual_seed(seed), None
-        self.load_backbone(checkpoint)
+        self.seed, self.view_a = seed, None
+        self.load_backbone(backbone)
+        super().__init__(view_size or view_settings(self.backbone_meta)['global_size'])
+        self.query_size, self.scale = int(query_size or max(self.view_size // 2, 16)), tuple(scale)
+        self.layers, self.gen = tuple(layers), torch.Generator().manual_seed(seed)
         self.set_image(image, scene_index)
-    def load_backbone(self, checkpoint=None):
-        "Use a random-init backbone (None) or a checkpoint's teacher (ScfsError if missing); search again."
-        self.backbone, self.backbone_name = _open_backbone(checkpoint, self.arch, self.seed)
+    def load_backbone(self, backbone='tiny-scfs'):
+        "Use a shipped backbone, a random init ('random') or a checkpoint's teacher (ScfsError if missing); search again."
+        self.backbone, self.backbone_name, self.backbone_meta = open_backbone(backbone, self.seed)
         if self.view_a is not None: self.set_views((self.box_a, self.flip_a), (self.box_b, self.flip_b))
     def set_image(self, image=None, scene_index: int = 0):
         "Use another image (see `_open_image`) and draw two new views of it."
@@ -172,10 +165,11 @@ class RegionQuery(QueryBox):
 # %% ../nbs/11_widgets.ipynb #83576e42
 def render_region_match(rq: RegionQuery, dpi: int = 60) -> tuple:
     """Draw a `RegionQuery` -> (PNG bytes, view A's panel in the PNG as (x0, y0, x1, y1) pixels, y down). Panels: view A
-    + query box, the query region, view B + where the query really is (dashed), each layer's map + best match (cross)."""
+    + query box, the query region, view B + where the query really is (dashed), each layer's map + best match (cross);
+    the title names the backbone."""
     from matplotlib.figure import Figure
     n, S = 3 + len(rq.layers), rq.view_size
-    fig = Figure(figsize=(1.9 * n, 2.35), dpi=dpi)
+    fig = Figure(figsize=(1.9 * n, 2.6), dpi=dpi)
     axs = fig.subplots(1, n)
     for a in axs: a.set_xticks([]); a.set_yticks([])
     axs[0].imshow(as_image(rq.view_a), extent=(0, S, S, 0)); axs[0].set_title('view A + query', fontsize=9)
@@ -189,6 +183,7 @@ def render_region_match(rq: RegionQuery, dpi: int = 60) -> tuple:
         for colour, ms, mew in (('white', 10, 3), ('black', 8, 1.5)):
             ax.plot([rq.best[l][0]], [rq.best[l][1]], marker='x', color=colour, ms=ms, mew=mew)
         if qb is not None: _rect(ax, qb, 'white', ls='--', lw=1.2)
+    fig.suptitle(f'search maps drawn by {rq.backbone_name}', fontsize=9)
     fig.tight_layout(pad=0.3)
     buf = io.BytesIO()
     fig.savefig(buf, format='png', dpi=dpi)
@@ -212,6 +207,7 @@ def _to_png(panel, S: int, x: float, y: float) -> tuple:
 
 # %% ../nbs/11_widgets.ipynb #b1661a86
 _SCENE, _PATH, _RANDOM, _CKPT = 'scene (by index)', 'path', 'random init', 'checkpoint'
+_BACKBONES = list(SHIPPED) + [_RANDOM, _CKPT]   # the backbone menu: the shipped ones first
 
 def _photo_options():
     try: return [(f'photo: {p.stem}', f'photo:{p}') for p in sample_photos()]
@@ -219,7 +215,7 @@ def _photo_options():
 
 class _Controls:
     "The widget's controls and layout: image source, backbone, query sliders, figure (and its mouse events), readout, status."
-    def __init__(self, S: int, scene_index: int, checkpoint):
+    def __init__(self, S: int, scene_index: int, backbone):
         m = QueryBox.min_side
         self.source = W.Dropdown(options=_photo_options() + [(_SCENE, _SCENE), (_PATH, _PATH)], description='image')
         self.scene_index = W.BoundedIntText(value=scene_index, min=0, max=10**6, description='scene #',
@@ -231,9 +227,9 @@ class _Controls:
         self.y = W.IntSlider(value=S // 4, min=0, max=S - m, description='y', continuous_update=False)
         self.size = W.IntSlider(value=S // 2, min=m, max=S, description='size', continuous_update=False)
         for s, c in ((self.x, 'scfs-x'), (self.y, 'scfs-y'), (self.size, 'scfs-size')): s.add_class(c)
-        self.backbone_choice = W.Dropdown(options=[_RANDOM, _CKPT], value=_RANDOM if checkpoint is None else _CKPT,
-                                          description='backbone')
-        self.checkpoint = W.Text(value='' if checkpoint is None else str(checkpoint), placeholder='checkpoint_last.pth',
+        choice = backbone if backbone in SHIPPED else _RANDOM if backbone in (None, RANDOM) else _CKPT
+        self.backbone_choice = W.Dropdown(options=_BACKBONES, value=choice, description='backbone')
+        self.checkpoint = W.Text(value=str(backbone) if choice == _CKPT else '', placeholder='checkpoint_last.pth',
                                  description='checkpoint')
         self.backbone_button = W.Button(description='use backbone')
         self.readout, self.status = W.HTML(value=''), W.HTML(value='')
@@ -248,11 +244,12 @@ class _Controls:
 
 # %% ../nbs/11_widgets.ipynb #3e3b7f97
 def _requested(c: _Controls) -> tuple:
-    "What the form asks for -> ((image, scene_index) for `set_image`, checkpoint for `load_backbone`)."
+    "What the form asks for -> ((image, scene_index) for `set_image`, backbone for `load_backbone`)."
     v = c.source.value
     image = ('scene', c.scene_index.value) if v == _SCENE else (
         (c.path.value.strip() or None, 0) if v == _PATH else (v.split(':', 1)[1], 0))
-    return image, (c.checkpoint.value.strip() if c.backbone_choice.value == _CKPT else None)
+    b = c.backbone_choice.value
+    return image, (c.checkpoint.value.strip() if b == _CKPT else RANDOM if b == _RANDOM else b)
 
 def _show_source(c: _Controls, name: str, image):
     "Set the image controls to the image in use (`name` as `_open_image` gives it; `image` as it was asked for)."
@@ -292,12 +289,12 @@ class RegionMatch(_Controls):
     """Region-match widget over a `RegionQuery` (`rq`; same arguments, plus the figure's `dpi`): sliders `x`, `y`, `size`
     and the mouse (click on view A: centre the query there; drag: draw it) move the query box; `png`, `readout` show it."""
     _STATE = ('box', 'maps', 'best', 'sims', 'query', 'view_a', 'view_b', 'box_a', 'box_b', 'flip_a', 'flip_b', 'img',
-              'image_name', 'object_box', 'backbone', 'backbone_name', 'view_size', 'query_size', 'layers', 'query_in_b')
+              'image_name', 'object_box', 'backbone', 'backbone_name', 'backbone_meta', 'view_size', 'query_size', 'layers', 'query_in_b')
     _on_slider, _on_mouse = _on_slider, _on_mouse   # the handlers above, as methods
-    def __init__(self, image=None, scene_index: int = 0, checkpoint=None, backbone: str = 'small', view_size: int = 64,
+    def __init__(self, image=None, scene_index: int = 0, backbone='tiny-scfs', view_size: int | None = None,
                  query_size: int | None = None, seed: int = 0, scale=(0.4, 1.0), layers=LAYERS, dpi: int = 60):
-        self.rq = RegionQuery(image, scene_index, checkpoint, backbone, view_size, query_size, seed, scale, layers)
-        super().__init__(self.rq.view_size, scene_index, checkpoint)
+        self.rq = RegionQuery(image, scene_index, backbone, view_size, query_size, seed, scale, layers)
+        super().__init__(self.rq.view_size, scene_index, backbone)
         self.dpi, self._hold, self._press = dpi, False, None
         _show_source(self, self.rq.image_name, image)
         for s in (self.x, self.y, self.size): s.observe(self._on_slider, names='value')
@@ -309,7 +306,7 @@ class RegionMatch(_Controls):
     def __getattr__(self, name):   # only called for names the widget lacks: the query's state reads through
         if name in RegionMatch._STATE: return getattr(self.rq, name)
         raise AttributeError(f'RegionMatch has no attribute {name!r}')
-    def load_backbone(self, checkpoint=None): self.rq.load_backbone(checkpoint); self.update()
+    def load_backbone(self, backbone='tiny-scfs'): self.rq.load_backbone(backbone); self.update()
     def set_image(self, image=None, scene_index: int = 0):
         self.rq.set_image(image, scene_index); _show_source(self, self.rq.image_name, image); self.update()
     def resample(self): self.rq.resample(); self.update()

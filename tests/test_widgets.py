@@ -91,11 +91,11 @@ def checker_image(obj=(12, 16, 36, 40), size=96, seed=0):
 def _inside(p, b): return b[0] <= p[0] <= b[2] and b[1] <= p[1] <= b[3]
 
 
-@pytest.mark.parametrize('seed', [0, 1, 2])
-def test_best_match_lands_on_the_region_in_view_b(seed):
+@pytest.mark.parametrize('backbone', ['tiny-scfs', 'tiny-dino'])
+def test_best_match_lands_on_the_region_in_view_b(backbone):
     "A query cut from view A around the square is found at layer2 inside the square's place in (flipped) view B."
     obj = (12, 16, 36, 40)
-    q = RegionQuery(image=checker_image(obj), view_size=64, seed=seed)
+    q = RegionQuery(image=checker_image(obj), backbone=backbone, view_size=64, seed=0)
     q.set_views(((0, 8, 72, 80), False), ((4, 0, 96, 92), True))
     qa = source_to_view(obj, q.box_a, q.flip_a, 64)
     q.place(qa[0], qa[1], qa[2] - qa[0])
@@ -232,11 +232,12 @@ def test_checkpoint_backbone(tmp_path):
         for p in bb.parameters(): p.add_(0.05 * torch.randn_like(p))
     ck = tmp_path / 'bb.pth'
     torch.save(backbone_state_dict_for_export(bb), ck)
-    w4 = RegionMatch(image='scene', scene_index=3, view_size=64, seed=0)
+    w4 = RegionMatch(image='scene', scene_index=3, backbone='random', view_size=64, seed=0)
+    assert w4.backbone_choice.value == 'random init' and w4.backbone_name.startswith('random init (seed 0')
     before = {l: m.clone() for l, m in w4.maps.items()}
     w4.backbone_choice.value = 'checkpoint'; w4.checkpoint.value = str(ck)
     w4.backbone_button.click()
-    assert w4.status.value == '' and w4.backbone_name == 'bb.pth'
+    assert w4.status.value == '' and w4.backbone_name.endswith('bb.pth')
     bb.eval()
     with torch.no_grad():
         q = crop_region(w4.view_a, w4.box, w4.query_size)
@@ -327,3 +328,32 @@ def test_freeze_stops_mouse(wm):
     wm.freeze()
     _send(wm, _event(wm, 'mousedown', 40, 40), _event(wm, 'mouseup', 40, 40))
     assert wm.box == box and wm.png == png
+
+
+# --- the default backbone: the shipped trained SCFS one, at the views it was trained with
+
+def test_opens_on_tiny_scfs_at_its_training_views():
+    from scfs.maps import open_backbone
+    w5 = RegionMatch(image='scene', scene_index=1, seed=0)
+    assert w5.backbone_choice.value == 'tiny-scfs' and w5.backbone_name.startswith('tiny-scfs (SCFS')
+    assert (w5.view_size, w5.query_size) == (32, 16) and w5.maps['layer4'].shape == (2, 2)
+    assert 'tiny-scfs (SCFS' in w5.readout.value
+    want = open_backbone('tiny-scfs')[0]
+    assert all(torch.equal(a, b) for a, b in zip(w5.backbone.state_dict().values(), want.state_dict().values()))
+    ref = _reference(w5)
+    for l in LAYERS: torch.testing.assert_close(w5.maps[l], ref[l])
+
+
+def test_backbone_menu_switches_between_shipped_and_random():
+    from scfs.maps import open_backbone
+    w6 = RegionMatch(image='scene', scene_index=2, seed=0)
+    assert list(w6.backbone_choice.options) == ['tiny-scfs', 'tiny-dino', 'random init', 'checkpoint']
+    maps = {}
+    for choice, name in (('tiny-dino', 'tiny-dino'), ('random init', 'random'), ('tiny-scfs', 'tiny-scfs')):
+        w6.backbone_choice.value = choice; w6.backbone_button.click()
+        assert w6.status.value == '' and w6.backbone_name == open_backbone(name)[1] and name.split('-')[-1] in w6.readout.value
+        ref = _reference(w6)
+        for l in LAYERS: torch.testing.assert_close(w6.maps[l], ref[l])
+        maps[name] = {l: m.clone() for l, m in w6.maps.items()}
+    assert not torch.allclose(maps['tiny-scfs']['layer2'], maps['random']['layer2'])
+    assert not torch.allclose(maps['tiny-scfs']['layer2'], maps['tiny-dino']['layer2'])

@@ -150,7 +150,7 @@ def check_data(cfg: Config, world: int | None = None):
     kind, (train_dir, ktr, kva, val) = generated_kind(cfg), data_folders(cfg)
     if kind is None and not Path(cfg.data).is_dir(): raise ScfsError(f'data folder not found: {cfg.data}')
     n = cfg.scenes_train if kind else _count_images(train_dir, total)
-    if n == 0: raise ScfsError(f'no images ({", ".join(IMG_EXTENSIONS)}) found under {train_dir}')
+    if n == 0: raise ScfsError(f'data folder {train_dir} holds no images ({", ".join(IMG_EXTENSIONS)})')
     n = min(n, cfg.subset or n)
     if n < total: raise ScfsError(f'{n} images{" (subset)" * bool(cfg.subset)} are too few for batch_size {total} '
                                   f'({per} per process): lower batch_size')
@@ -165,4 +165,6 @@ def check_data(cfg: Config, world: int | None = None):
     folders = {'knn_train': ktr, 'knn_val': kva if final else None, 'val': val}
     for k, p in folders.items():
         if p is not None and not mine(p) and not p.is_dir(): raise ScfsError(f'{k} folder not found: {p}')
-    if not mine(ktr): check_knn_folders(ktr, *[p for p in (folders['knn_val'], val) if p is not None and not mine(p)])
+    if mine(ktr): return
+    try: check_knn_folders(ktr, *[p for p in (folders['knn_val'], val) if p is not None and not mine(p)])
+    except ScfsError as e: raise ScfsError(f"{'knn_train' if cfg.knn_train else 'data'}: {e}") from None

@@ -32,16 +32,18 @@ def cli_config(args) -> Config:
     "The `Config` a parsed `scfs pretrain` command line asks for."
     if args.resume and args.force: raise ScfsError('--resume and --force are incompatible')
     ov = _cli_overrides(args)
+    preset = ov.pop('preset', None) or args.preset                     # preset=NAME is --preset NAME
+    if args.preset and preset != args.preset: raise ScfsError(f'preset={preset} and --preset {args.preset} disagree')
     if args.resume:
-        probe = get_config(args.preset or 'tiny', **{k: v for k, v in ov.items() if k in ('out', 'method')})
+        probe = get_config(preset or 'tiny', **{k: v for k, v in ov.items() if k in ('out', 'method')})
         cj = probe.run_dir / 'config.json'
         if not cj.is_file(): raise ScfsError(f'nothing to resume: {cj} does not exist')
         saved = json.loads(cj.read_text())
-        if args.preset and args.preset != saved.get('preset'):
-            raise ScfsError(f"--preset {args.preset} does not match the run's preset {saved.get('preset')!r}")
+        if preset and preset != saved.get('preset'):
+            raise ScfsError(f"preset {preset} does not match the run's preset {saved.get('preset')!r}")
         saved['out'], saved['force'] = str(probe.run_dir), False
         return config_from_dict(saved, **ov)
-    return get_config(args.preset or 'tiny', **ov)
+    return get_config(preset or 'tiny', **ov)
 
 def _cli_pretrain(args):
     import matplotlib; matplotlib.use('Agg')

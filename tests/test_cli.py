@@ -97,15 +97,59 @@ def test_torchrun_two_processes_cpu_gloo(tmp_path, scenes):
     assert (ck['epoch'], ck['iteration'], ck['world_size']) == (2, 0, 2)
 
 
-@pytest.mark.parametrize('bad,msg', [
-    ('layer_weights=0.1,0.2', 'layer_weights'), ('search_layers=layer2,layer5', 'search_layers'), ('search_layers=layer1', 'search_layers'),
-    ('local_size=0', 'local_size'), ('local_scale=0.5,0.2', 'local_scale'), ('n_local=-1', 'n_local'),
-    ('global_scale=0.2,1.5', 'global_scale'), ('out_dim=0', 'out_dim'),
-])
-def test_bad_settings_exit_2_before_anything_is_written(tmp_path, scenes, capsys, bad, msg):
-    "Settings that only the model or the loader would reject are caught by validate_config: one line, no run folder."
+# the settings a new user tried at 306d154 (issue 24): trained silently, crashed late or wrote the run folder first
+ISSUE_24 = ['clip_grad=-1', 'knn_k=0', 'knn_T=0', 'koleo_weight=-0.1', 'layer_weights=-1,0.03,0.03', 'momentum_teacher=1.5',
+            'center_momentum=-0.1', 'student_temp=-0.1', 'jitter=0.4,0.4,0.4,0.6', 'search_layers=()', 'eval_size=0',
+            'memory_size=0', 'teacher_temp=0', 'warmup_epochs=-2', 'blur_sigma=[0,0]', 'batch_size=1000', 'global_size=0',
+            'n_local=-1', 'lr=-1', 'weight_decay=-1', 'out_dim=0', 'search_layers=[]', 'loc_temp=0', 'local_scale=[0.5,0.1]',
+            'p_grey=1.5']
+
+
+def _one_class(root, scenes):
+    "A copy of `scenes` whose train/ and test/ hold a single class."
+    for split in ('train', 'test'): shutil.copytree(scenes / split / 'circle', root / split / 'circle')
+    return root
+
+
+@pytest.mark.parametrize('bad', ISSUE_24 + ['one-class kNN folder', 'one-class monitor folder'])
+def test_bad_settings_exit_2_before_anything_is_written(tmp_path, scenes, capsys, bad):
+    "Each refused in one line naming its field, exit 2, before the run folder exists (the command of the issue)."
+    data, kv = scenes, [bad]
+    if bad.startswith('one-class'): data, kv = _one_class(tmp_path / 'one', scenes), ['batch_size=4']
+    flags = ['--no-eval'] * (bad != 'one-class kNN folder')
     out = tmp_path / 'run'
-    assert main(['pretrain', '--data', str(scenes), '--out', str(out), *SMALL, bad]) == 2
+    assert main(['pretrain', '--data', str(data), '--out', str(out), '--epochs', '1', *flags, '--quiet', 'max_iters=1', *kv]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith('scfs pretrain: error:') and msg in err and '\n' not in err, err
+    field = 'class' if bad.startswith('one-class') else bad.split('=')[0]
+    assert err.startswith('scfs pretrain: error:') and field in err and '\n' not in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize('cmd', ['knn', 'linear'])
+def test_one_class_folders_refused_by_knn_and_linear(tmp_path, scenes, capsys, cmd):
+    one = _one_class(tmp_path / 'one', scenes)
+    assert main([cmd, '--random', '--train', str(one / 'train'), '--val', str(one / 'test')]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f'scfs {cmd}: error:') and '1 class' in err and '\n' not in err, err
+    assert main([cmd, '--random', '--train', str(scenes / 'train'), '--val', str(one / 'test')]) == 2   # numbered differently
+    assert 'differently' in capsys.readouterr().err
+
+
+def test_refused_start_then_corrected_rerun_needs_no_force(tmp_path, scenes, capsys):
+    out = tmp_path / 'run'
+    argv = ['pretrain', '--data', str(scenes), '--out', str(out), '--epochs', '1', '--no-eval', '--quiet', 'max_iters=1',
+            'monitor_every=0', *SMALL[1:]]
+    assert main(argv + ['batch_size=1000']) == 2 and 'too few' in capsys.readouterr().err and not out.exists()
+    assert main(argv) == 0 and (out / 'checkpoint_last.pth').exists()
+
+
+def test_overrides_anywhere_among_the_flags(tmp_path):
+    "`scfs pretrain lr=0.02 --quiet epochs=3` (the console script itself): overrides before, between and after flags."
+    p = subprocess.run([str(VENV_BIN / 'scfs'), 'pretrain', 'lr=0.02', '--quiet', 'epochs=3', '--print-config'],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    cfg = json.loads(p.stdout)
+    assert (cfg['lr'], cfg['epochs'], cfg['progress']) == (0.02, 3, False)
+    from scfs.cli import build_parser, parse
+    a = parse(build_parser(), ['pretrain', '--quiet', 'lr=0.02', '--method', 'dino', 'epochs=3', '--no-eval'])
+    assert (a.overrides, a.quiet, a.method, a.no_eval) == (['lr=0.02', 'epochs=3'], True, 'dino', True)

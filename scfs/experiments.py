@@ -9,13 +9,13 @@ from dataclasses import asdict
 from pathlib import Path
 import torch
 
-from .data import atomic_write
+from .core import atomic_write, source_hash
 
 # %% auto #0
 __all__ = ['MAIN', 'ABLATIONS', 'ABLATION_AXES', 'SWEEP_LEVELS', 'SWEEP', 'METRICS', 'RESULTS', 'STUDY_EPOCHS',
            'attach_step_curves', 'attention_scores', 'evaluate_run', 'run_one', 'load_results', 'save_results',
-           'run_study', 'summarise', 'paired_difference', 'write_csv', 'verdict', 'ci95', 'study_plan', 'run_plan',
-           'merge_shards', 'evaluate_random']
+           'run_study', 'summarise', 'paired_difference', 'write_csv', 'betainc', 't_cdf', 't_quantile', 't_interval',
+           'ci95', 'interval_side', 'compare', 'verdict', 'study_plan', 'run_plan', 'merge_shards', 'evaluate_random']
 
 # %% ../nbs/12_experiments.ipynb #cef06d3f
 def _w(n):
@@ -120,7 +120,7 @@ def run_one(name, overrides, seed, *, base, out_root, attention_images=64, log=p
         try: att = attention_scores(load_backbone(ckpt)[0].eval(), cfg.data, n_images=attention_images, n_local=cfg.n_local,
                                     global_size=cfg.global_size, local_size=cfg.local_size)
         except Exception as e: log(f'attention score failed: {e!r}'); att = dict(error=repr(e))
-    r = dict(name=name, seed=seed, method=cfg.method, overrides=overrides, config=asdict(cfg),
+    r = dict(name=name, seed=seed, method=cfg.method, overrides=overrides, config=asdict(cfg), source_hash=res.get('source_hash'),
              knn=ev['knn'], linear=ev['linear'], epoch_time=res.get('epoch_time'), train_s=train_s,
              wall_s=time.perf_counter() - t0, loss=_history_curve(res.get('history')),
              dino_loss=_history_curve(res.get('history'), 'dino'), attention=att, run_dir=str(res['run_dir']))
@@ -217,34 +217,102 @@ def write_csv(rows, path):
         w = csv.DictWriter(f, fieldnames=keys); w.writeheader()
         for r in rows: w.writerow({k: (f'{v:.4f}' if isinstance(v, float) else v) for k, v in r.items()})
 
-# %% ../nbs/12_experiments.ipynb #de3a0e4b
-def verdict(results, a='scfs', b='dino') -> str:
-    "One paragraph comparing `a` to `b` on kNN and linear accuracy."
-    parts = []
-    for m, label in (('knn', 'kNN (k=20)'), ('linear', 'linear probe')):
-        d = paired_difference(results, a, b, m)
-        if d['mean'] is None: parts.append(f'{label}: no paired runs.'); continue
-        n = len(d['seeds'])
-        clear = n > 1 and abs(d['mean']) > d['std'] and d['wins'] in (0, n)
-        cmp = (f"{a.upper()} is {'better' if d['mean'] > 0 else 'worse'} than {b.upper()}" if clear
-               else f"{a.upper()} and {b.upper()} are not distinguishable")
-        parts.append(f"{label}: {cmp} ({d['mean']:+.2f} points, std {d['std']:.2f} over {n} paired seeds, "
-                     f"{a.upper()} ahead on {d['wins']}/{n}).")
-    return ' '.join(parts)
+# %% ../nbs/12_experiments.ipynb #8c757902
+def _betacf(a: float, b: float, x: float, eps: float = 1e-15, itmax: int = 100_000) -> float:
+    "Continued fraction of the incomplete beta function, by the modified Lentz method (Numerical Recipes, 6.4)."
+    tiny, qab, qap, qam = 1e-300, a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, itmax + 1):
+        m2 = 2 * m
+        for aa in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
+            d = 1.0 + aa * d; d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + aa / c; c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < eps: return h
+    raise ArithmeticError(f'incomplete beta: no convergence for a={a}, b={b}, x={x}')
+
+def betainc(a: float, b: float, x: float) -> float:
+    "The regularized incomplete beta function $I_x(a, b)$ (a, b > 0; 0 <= x <= 1), from `math.lgamma` and `_betacf`."
+    if x <= 0: return 0.0
+    if x >= 1: return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1) / (a + b + 2): return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+def t_cdf(t: float, df: float) -> float:
+    "P(T <= t) for Student's t with `df` degrees of freedom (any df > 0): $1 - I_{df/(df+t^2)}(df/2, 1/2)/2$ for t >= 0."
+    tail = 0.5 * betainc(df / 2, 0.5, df / (df + t * t))
+    return 1.0 - tail if t >= 0 else tail
+
+def t_quantile(p: float, df: float) -> float:
+    "The `p`-quantile of Student's t with `df` degrees of freedom (any df > 0, not only integers): bisection on `t_cdf`."
+    if not 0 < p < 1 or not df > 0: raise ValueError(f'need 0 < p < 1 and df > 0, got p={p}, df={df}')
+    if p < 0.5: return -t_quantile(1 - p, df)
+    lo, hi = 0.0, 1.0
+    while t_cdf(hi, df) < p: lo, hi = hi, 2 * hi
+    while hi - lo > 1e-12 * hi:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
+    return (lo + hi) / 2
 
 # %% ../nbs/12_experiments.ipynb #aa12e005
-_T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 12: 2.18, 15: 2.13,
-        20: 2.09, 30: 2.04}
-
-def ci95(xs) -> tuple:
-    "(mean, half-width of the 95 % t-interval, n) of the numbers `xs`; half-width None for a single value."
+def t_interval(xs, level: float = 0.95) -> tuple:
+    "(mean, half-width of the two-sided t-interval at `level`, n) of the numbers `xs`; half-width None for one value."
     xs = [float(x) for x in xs if x is not None]
     if not xs: return (None, None, 0)
     if len(xs) == 1: return (xs[0], None, 1)
-    df = len(xs) - 1
-    t = _T95.get(df) or next((v for k, v in sorted(_T95.items()) if k >= df), 1.96)
-    return (statistics.fmean(xs), t * statistics.stdev(xs) / math.sqrt(len(xs)), len(xs))
+    n = len(xs)
+    return (statistics.fmean(xs), t_quantile((1 + level) / 2, n - 1) * statistics.stdev(xs) / math.sqrt(n), n)
 
+def ci95(xs) -> tuple:
+    "(mean, half-width of the 95 % t-interval, n) of the numbers `xs`; half-width None for a single value."
+    return t_interval(xs, 0.95)
+
+def interval_side(m, h) -> str:
+    "Where the interval m ± h lies: 'above 0', 'below 0', 'includes 0', or 'no interval' (one value, or none)."
+    if m is None or h is None: return 'no interval'
+    return 'above 0' if m - h > 0 else 'below 0' if m + h < 0 else 'includes 0'
+
+def compare(diffs: dict, primary=None, alpha: float = 0.05) -> dict:
+    """Verdicts on paired differences `{label: [per-seed difference, ...]}`, from intervals, with the multiplicity rule:
+    the `primary` comparison (named before the runs) is read at 1 - alpha; the other comparisons read (2 or more
+    pairs) are secondary and Bonferroni-corrected together, each read at 1 - alpha/k over the k of them. Without a
+    primary, all k comparisons read share the correction. Returns {label: dict(n, mean, h95 (the 95 % half-width),
+    level, h (the half-width at that level), side (`interval_side` at that level), role)}."""
+    read = [l for l, d in diffs.items() if len([x for x in d if x is not None]) > 1]
+    k = len([l for l in read if l != primary])
+    out = {}
+    for l, d in diffs.items():
+        prim = l == primary
+        level = 1 - alpha / (1 if prim else max(k, 1))
+        m, h, n = t_interval(d, level)
+        role = 'primary' if prim else ', '.join(([] if primary is None else ['secondary']) +
+                                                 ([f'Bonferroni over {k}'] if k > 1 else [] if primary else ['one comparison read']))
+        out[l] = dict(n=n, mean=m, h95=ci95(d)[1], level=level, h=h, side=interval_side(m, h), role=role)
+    return out
+
+# %% ../nbs/12_experiments.ipynb #de3a0e4b
+def verdict(results, a='scfs', b='dino') -> str:
+    """One paragraph comparing `a` to `b`: per metric, the paired difference, its interval and the side of 0 it lies on
+    (`compare`: kNN is the primary metric at 95 %, the linear probe secondary, Bonferroni over the secondary ones)."""
+    ds = {m: paired_difference(results, a, b, m) for m in ('knn', 'linear')}
+    cs = compare({m: d['diffs'] for m, d in ds.items()}, primary='knn')
+    parts = []
+    for m, label in (('knn', 'kNN (k=20)'), ('linear', 'linear probe')):
+        d, c = ds[m], cs[m]
+        if d['mean'] is None: parts.append(f'{label}: no paired runs.'); continue
+        n, side = c['n'], c['side']
+        cmp = (f"{a.upper()} is {'better' if side == 'above 0' else 'worse'} than {b.upper()}" if side in ('above 0', 'below 0')
+               else f"{a.upper()} and {b.upper()} are not distinguishable")
+        ival = 'one pair, no interval' if c['h'] is None else \
+            f"{100 * c['level']:.4g} % interval [{c['mean'] - c['h']:+.2f}, {c['mean'] + c['h']:+.2f}]"
+        parts.append(f"{label}: {cmp} ({d['mean']:+.2f} points, {ival} over {n} paired seeds, "
+                     f"{a.upper()} ahead on {d['wins']}/{n}; {c['role']}).")
+    return ' '.join(parts)
+
+# %% ../nbs/12_experiments.ipynb #51460822
 def _locked_update(path, fn):
     "Read-modify-write the JSON results file `path` under an exclusive lock (runs in parallel processes share it)."
     p = Path(path); p.parent.mkdir(parents=True, exist_ok=True)
@@ -256,7 +324,6 @@ def _locked_update(path, fn):
         fn(data)
         atomic_write(p, json.dumps(_jsonable(data), indent=1))
     return data
-
 
 # %% ../nbs/12_experiments.ipynb #dc14ffec
 RESULTS = 'nbs/results/experiments.json'
@@ -292,12 +359,6 @@ def _ordered_jobs(plan):
     jobs += [(n, s) for n in cfgs if n not in pairs for s in seeds.get(n, [])]
     return jobs
 
-def _sha(mod):
-    "Short hash of an scfs module's source, stored with the results so a reader knows which code produced them."
-    import hashlib
-    p = Path(__file__).parent / f'{mod}.py' if '__file__' in globals() else Path('scfs') / f'{mod}.py'
-    return hashlib.sha256(p.read_bytes()).hexdigest()[:12] if p.exists() else None
-
 def _shard_path(path, shard):
     p = Path(path); return p.with_name(f'{p.stem}.shard{shard[0]}of{shard[1]}{p.suffix}')
 
@@ -316,8 +377,7 @@ def run_plan(plan, shard=None, log=print) -> list[dict]:
     base = dict(plan['base'], data=dirs['low'])
     path = _shard_path(plan['results_path'], shard) if shard else plan['results_path']
     meta = dict(machine=f"{platform.machine()} {os.cpu_count()} CPU cores (torch threads {plan['base'].get('threads') or torch.get_num_threads()})",
-                torch=torch.__version__, started=time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()), plan=plan,
-                code={m: _sha(m) for m in ('config', 'loader', 'train', 'model', 'search', 'losses', 'heads', 'augment', 'evaluate', 'maps')})
+                torch=torch.__version__, started=time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()), plan=plan, source_hash=source_hash())
     if load_results(path): meta['started'] = json.loads(Path(path).read_text())['meta'].get('started', meta['started'])
     jobs = _ordered_jobs(plan)
     if shard: jobs = jobs[shard[0]::shard[1]]

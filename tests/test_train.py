@@ -198,12 +198,75 @@ def test_gpu_presets_keep_the_official_recipe_where_tiny_departs():
     assert (r50.global_size, r50.local_size, r50.n_local, r50.out_dim, r50.epochs, r50.teacher_temp) == (224, 96, 8, 65536, 200, 0.07)
 
 
+def _xy_folder(root, n=16, S=64):
+    "`n` copies of an S x S image whose red channel encodes x and green y: value (i + 0.5) * 255 / S at pixel i."
+    ramp = np.round((np.arange(S) + 0.5) * 255 / S).astype(np.uint8)
+    a = np.zeros((S, S, 3), np.uint8); a[..., 0], a[..., 1], a[..., 2] = ramp[None, :], ramp[:, None], 128
+    from PIL import Image
+    (root / 'xy').mkdir(parents=True)
+    for i in range(n): Image.fromarray(a).save(root / 'xy' / f'{i}.png')
+    return root
+
+
+def _content_cells(crops, H, W, S=64):
+    """From the pixels alone: for each local crop (crop-major, as `crop_cells`), the cell of global view 0's H x W map
+    that holds the crop's centre, whether it lies inside the view, and whether the answer is clear-cut (not within
+    0.1 cell of a cell edge)."""
+    from scfs.augment import denormalize
+    xy = lambda c: denormalize(c.float())[:, :2] * S                       # (B, 2, s, s): source x, y of each pixel
+    g = xy(crops[0]); s = g.shape[-1]
+    pos = torch.arange(s, dtype=torch.float64) + 0.5
+    cells, inside, clear = [], [], []
+    for loc in crops[2:]:
+        centre = xy(loc).double().mean((2, 3))                            # (B, 2): a linear ramp averages to its centre
+        for b in range(len(loc)):
+            fx = np.polyfit(pos[2:-2], g[b, 0].double().mean(0)[2:-2], 1)  # x along the columns (falls if flipped)
+            fy = np.polyfit(pos[2:-2], g[b, 1].double().mean(1)[2:-2], 1)
+            u = float((centre[b, 0] - fx[1]) / fx[0]) / s; v = float((centre[b, 1] - fy[1]) / fy[0]) / s
+            inside.append(0 <= u <= 1 and 0 <= v <= 1)
+            cells.append(int(min(max(v, 0), 1 - 1e-6) * H) * W + int(min(max(u, 0), 1 - 1e-6) * W))
+            edge = lambda t, n: min(abs(t * n - round(t * n)), 1) > 0.1
+            clear.append(edge(u, W) and edge(v, H))
+    return torch.tensor(cells), torch.tensor(inside), torch.tensor(clear)
+
+
 @pytest.mark.parametrize('loader', ['memory', 'folder'])
-def test_both_loaders_feed_the_localisation_term(tmp_path, scenes, loader):
-    "Each loader's boxes and flips reach the model: the localisation term is logged at every step, and off when loc_weight=0."
-    from scfs.runfiles import read_metrics
-    train(_run_cfg(tmp_path, scenes, 'on', loader=loader, epochs=1, max_iters=2))
-    steps = read_metrics(tmp_path / 'on', 'step')
-    assert len(steps) == 2 and all(s['loc'] > 0 and 0 <= s['loc_acc'] <= 1 for s in steps)
-    train(_run_cfg(tmp_path, scenes, 'off', loader=loader, epochs=1, max_iters=2, loc_weight=0.0))
-    assert all('loc' not in s for s in read_metrics(tmp_path / 'off', 'step'))
+def test_localisation_targets_match_the_pixels_through_both_loaders(tmp_path, loader, monkeypatch):
+    """One training step on an image whose channels encode x and y: the crops, boxes and flips that reach the model
+    agree with the pixels (each box's centre is its crop's mean position; a global view's left edge is its box's x0,
+    or x1 if flipped), and every cell `crop_cells` names for the localisation term is the one that holds the crop's
+    content in global view 0, flips included."""
+    import scfs.model
+    seen, cells = {}, []
+    orig_forward, orig_cells = scfs.model.SCFS.forward, scfs.model.crop_cells
+    def forward(self, crops, epoch=0, boxes=None, flips=None):
+        seen.update(crops=[c.detach().clone() for c in crops], boxes=boxes, flips=flips)
+        return orig_forward(self, crops, epoch, boxes, flips)
+    def spy_cells(boxes, flips, H, W):
+        out = orig_cells(boxes, flips, H, W); cells.append((H, W, *out)); return out
+    monkeypatch.setattr(scfs.model.SCFS, 'forward', forward)
+    monkeypatch.setattr(scfs.model, 'crop_cells', spy_cells)
+    data = _xy_folder(tmp_path / 'xy')
+    train(_run_cfg(tmp_path, data, 'run', loader=loader, epochs=1, max_iters=1, photometric=False, n_local=6,
+                   memory_size=64, loc_layers=('layer2', 'layer3')))
+    crops, boxes, flips = seen['crops'], seen['boxes'], seen['flips']
+    assert flips[:, 0].any() and not flips[:, 0].all()                      # both kinds of first global view
+    from scfs.augment import denormalize
+    for k, c in enumerate(crops):
+        centre = (denormalize(c.float())[:, :2] * 64).mean((2, 3))
+        torch.testing.assert_close(centre, (boxes[:, k, :2] + boxes[:, k, 2:]) / 2, atol=1.0, rtol=0)
+        left = denormalize(c.float())[:, 0, :, 2:-2].mean(1) * 64                 # x of columns 2..s-3
+        s = c.shape[-1]; pos = torch.arange(2, s - 2) + 0.5
+        slope = ((left - left.mean(1, keepdim=True)) * (pos - pos.mean())).sum(1) / ((pos - pos.mean()) ** 2).sum()
+        edge = left.mean(1) - slope * pos.mean()                               # x at the view's left edge
+        want = torch.where(flips[:, k], boxes[:, k, 2], boxes[:, k, 0])
+        torch.testing.assert_close(edge.float(), want.float(), atol=1.0, rtol=0)
+    assert sorted((h, w) for h, w, *_ in cells) == [(4, 4), (8, 8)]          # layer3 and layer2 of 32-px views
+    n_checked = 0
+    for H, W, got, got_inside in cells:
+        want, want_inside, clear = _content_cells(crops, H, W)
+        assert torch.equal(got_inside[clear], want_inside[clear]), (H, W)
+        ok = clear & want_inside
+        assert torch.equal(got[ok], want[ok]), (H, W, got[ok], want[ok])
+        n_checked += int(ok.sum())
+    assert n_checked >= 50, n_checked

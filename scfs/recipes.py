@@ -13,12 +13,12 @@ from .core import ScfsError, atomic_write
 from .experiments import load_results, ci95, compare, _locked_update, _jsonable
 
 # %% auto #0
-__all__ = ['RECIPES', 'BENCHMARKS', 'DIGIT_LADDER', 'BENCH_SCENES', 'AUROC_NULL', 'RUNTIME_FIELDS', 'RECIPE_NAMES', 'TWO_BY_TWO',
-           'ROOM_EPOCHS', 'ROOM', 'ROOM_RESULTS', 'ROOM_SCREEN', 'ROOM_LEVELS', 'ROOM_PAIRS', 'ROOM_PRIMARY',
-           'MAIN_JOB', 'README_RECIPES', 'run_recipe', 'recipe_rows', 'recipe_markdown', 'has_provenance',
-           'expected_config', 'check_provenance', 'archive_unprovenanced', 'paired_rows', 'paired_markdown',
-           'paired_verdict', 'two_by_two_rows', 'two_by_two_markdown', 'two_by_two_verdict', 'room_jobs', 'run_room',
-           'room_screen', 'room_rows', 'room_markdown', 'room_verdict', 'room_auroc_markdown', 'record_run',
+__all__ = ['RECIPES', 'BENCHMARKS', 'DIGIT_LADDER', 'BENCH_SCENES', 'RUNTIME_FIELDS', 'RECIPE_NAMES', 'TWO_BY_TWO', 'ROOM_EPOCHS',
+           'ROOM', 'ROOM_RESULTS', 'ROOM_SCREEN', 'ROOM_LEVELS', 'ROOM_PAIRS', 'ROOM_PRIMARY', 'MAIN_JOB',
+           'README_RECIPES', 'run_recipe', 'recipe_rows', 'recipe_markdown', 'has_provenance', 'expected_config',
+           'check_provenance', 'archive_unprovenanced', 'paired_rows', 'paired_markdown', 'paired_verdict',
+           'two_by_two_rows', 'two_by_two_markdown', 'two_by_two_verdict', 'room_jobs', 'run_room', 'room_screen',
+           'room_rows', 'room_markdown', 'room_verdict', 'room_auroc_markdown', 'room_auroc_verdict', 'record_run',
            'main_job_markdown', 'readme_results']
 
 # %% ../nbs/12a_recipes.ipynb #8f004f6f
@@ -46,24 +46,18 @@ def _probe_pair(run_dir, cfg, split: str, probe: str = 'knn') -> tuple:
     rnd = fn(None, *folders, backbone=cfg.backbone, backbone_kw=cfg.backbone_kw, seed=cfg.seed, **kw)['acc']
     return trained, rnd
 
-# HOOK (issue 23): the box-swap null of the on-object AUROC -- each search map scored against *another* image's object
-# box -- is being added to `scfs.scores.object_auroc` (10a_scores). When it lands, set here the keyword arguments that
-# turn it on (e.g. `AUROC_NULL = dict(null='box_swap')`): runs then also store `null_on`/`null_off` per layer, and the
-# room tables show them. Until then runs store no null.
-AUROC_NULL: dict | None = None
-
 def _recipe_auroc(run_dir, cfg, n: int) -> dict:
-    """On-object AUROC per layer of a recipe run's teacher search maps on `n` val scenes (`scfs.scores.object_auroc`),
-    and, with `AUROC_NULL`, the same maps' AUROC against another image's box (`null_on`, `null_off`)."""
-    from scfs.scores import object_auroc
+    """On-object AUROC per layer of a recipe run's teacher search maps on `n` val scenes, and its box-swap null: the
+    same maps scored with another image's object box (`scfs.scores.auroc_vs_box_swap`), so that position priors
+    (centre bias, padding) score at the null. Per layer: `on`, `off` with bootstrap intervals and crop counts,
+    `null_on`, `null_off`, and `gap_on` (real − null over the crops scored both ways) with `ci_gap_on`."""
+    from scfs.scores import auroc_vs_box_swap
     from scfs.evaluate import load_backbone
-    bb = load_backbone(Path(run_dir) / 'checkpoint_last.pth')[0]
-    kw = dict(split='val', n_images=n, global_size=cfg.global_size, local_size=cfg.local_size, n_boot=1000)
-    s = object_auroc(bb, cfg.data, **kw)['summary']
-    out = {l: {k: v[k] for k in ('on', 'off', 'ci_on', 'ci_off', 'n_on', 'n_off')} for l, v in s.items()}
-    for l, v in (object_auroc(bb, cfg.data, **kw, **AUROC_NULL)['summary'].items() if AUROC_NULL else ()):
-        out[l].update(null_on=v['on'], null_off=v['off'])
-    return out
+    r = auroc_vs_box_swap(load_backbone(Path(run_dir) / 'checkpoint_last.pth')[0], cfg.data, split='val', n_images=n,
+                          global_size=cfg.global_size, local_size=cfg.local_size, n_boot=1000)
+    real = r['real']['summary']
+    return {l: dict({k: real[l][k] for k in ('on', 'off', 'ci_on', 'ci_off', 'n_on', 'n_off')}, null_on=v['swap_on'],
+                    null_off=v['swap_off'], gap_on=v['gap_on'], ci_gap_on=v['ci_gap_on']) for l, v in r['summary'].items()}
 
 # %% ../nbs/12a_recipes.ipynb #194960c3
 def run_recipe(name: str, overrides: dict, seed: int, bench: str = 'shapes', *, path=RECIPES, out_root='runs/recipes',
@@ -208,10 +202,10 @@ def _gain(r, split: str) -> float: return r[f'{split}_knn'] - r[f'random_{split}
 
 def _auroc_stats(rs) -> dict:
     """Per layer over the runs `rs` that stored an on-object AUROC: `on` and, where stored, `null` (the box-swap null)
-    as (mean, 95 % half-width, n), and `diffs`, the per-run differences on − null."""
+    as (mean, 95 % half-width, n), and `diffs`, each run's on − null (`gap_on`: over the crops scored both ways)."""
     au = [r['auroc'] for r in rs if r.get('auroc')]
     return {l: dict(on=ci95([a[l]['on'] for a in au]), null=ci95([a[l].get('null_on') for a in au]),
-                    diffs=[a[l]['on'] - a[l]['null_on'] for a in au if a[l].get('null_on') is not None])
+                    diffs=[a[l].get('gap_on', a[l]['on'] - a[l]['null_on']) for a in au if a[l].get('null_on') is not None])
             for l in (au[0] if au else {})}
 
 def paired_rows(results, pairs: dict, split: str = 'val', bench: str = 'shapes') -> list[dict]:
@@ -305,7 +299,7 @@ def room_jobs(epochs: int = ROOM_EPOCHS, primary_seeds=range(8), secondary_seeds
 
 def run_room(jobs, shard=(0, 1), path=ROOM_RESULTS, auroc: int = 64, **kw):
     """Run (resumable) every `shard[1]`-th job of `jobs` from the `shard[0]`-th on the shapes (`run_recipe`): kNN on
-    val and test, the on-object AUROC per layer on `auroc` val scenes (and its box-swap null: `AUROC_NULL`), with
+    val and test, the on-object AUROC per layer on `auroc` val scenes and its box-swap null, with
     config and source hash, into `path`."""
     for i, (n, preset, ov, s) in enumerate(jobs):
         if i % shard[1] == shard[0]: run_recipe(n, ov, s, 'shapes', path=path, preset=preset, test=True, auroc=auroc, **kw)
@@ -342,6 +336,16 @@ def room_auroc_markdown(rows) -> str:
     out += [f"| {lab} | {m.upper()} | {l} | {a['on'][2]} | {f(a['on'])} | {f(a['null'])} | "
             f"{f(ci95(a['diffs']), '+') if a['diffs'] else '—'} |" for lab, m, l, a in cells]
     return '\n'.join(out)
+
+def room_auroc_verdict(rows, label: str = ROOM_PRIMARY) -> str:
+    """Per arm and layer of the comparison `label`: is each run's on − null (box-swap) above 0? Six readings and none
+    named primary: each interval at 1 - 0.05/k over the k read (Bonferroni)."""
+    r = next(x for x in rows if x['label'] == label)
+    cs = compare({f'{m.upper()} {l}': a['diffs'] for m in ('dino', 'scfs') for l, a in r['auroc'][m].items()})
+    say = {'above 0': 'above the box-swap null', 'below 0': 'below the box-swap null', 'includes 0': 'not told from the null'}
+    return '\n'.join(f"{k}: on − null {_pm(c['mean'], c['h95'], '{:+.3f}', '{:.3f}')} (95 %) over {c['n']} runs; "
+                     f"{100 * c['level']:.4g} % ({c['role']}): {say.get(c['side'], 'no interval')}" for k, c in cs.items()) \
+        or f'{label}: no run with an AUROC yet'
 
 # %% ../nbs/12a_recipes.ipynb #2e71a8e4
 MAIN_JOB = 'nbs/results/main_job.json'
@@ -400,5 +404,6 @@ def readme_results(results_dir='nbs/results') -> str:
         'test; the primary comparison, named before the runs, is SCFS − DINO under `tiny-official`\'s objective, the '
         'other rows are secondary, Bonferroni-corrected together; from `nbs/results/room.json`):', '',
         room_markdown(room), '', '```', room_verdict(room), '```', '',
-        'On-object AUROC of the teacher\'s search maps per layer, against the box-swap null:', '',
-        room_auroc_markdown(room)])
+        'On-object AUROC of the teacher\'s search maps per layer (64 val scenes per run), against the box-swap null '
+        '(each map scored with another image\'s object box); six readings of the primary comparison, Bonferroni over them:',
+        '', room_auroc_markdown(room), '', '```', room_auroc_verdict(room), '```'])

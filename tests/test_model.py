@@ -1,4 +1,5 @@
 import copy
+import functools
 import hashlib
 import inspect
 import math
@@ -76,7 +77,8 @@ def test_dino_vs_scfs_same_dino_term_and_no_layer_heads():
                                             "teacher_student_kl", "dino/raw_entropy", "dino/mi", "dino/emb_std"}
     assert not any("layer_heads." in k for k in d.state_dict())
     assert set(d.state_dict()) < set(s.state_dict())
-    assert os_["loss"].item() > od["loss"].item()
+    # the SCFS loss is the DINO model's loss plus exactly the three search terms (weight 1 each here)
+    torch.testing.assert_close(os_["loss"].detach(), od["loss"].detach() + sum(os_[l] for l in ("layer2", "layer3", "layer4")))
 
 
 def test_teacher_no_grad_train_mode_and_ema():
@@ -204,6 +206,42 @@ def test_identical_teacher_logits_read_one_hot_through_the_model(centering):
     out = m(_crops())
     assert collapse_state(out, 64, prefix="dino/") == "one-hot" and out["dino/mi"] < 1e-5
     assert out["dino/emb_std"] > 0.1
+
+
+@functools.lru_cache(maxsize=1)
+def _unforced_states() -> dict:
+    return _states(_model()(_crops()))
+
+
+def _states(out):
+    "The collapse state of every head of `SCFS.forward`'s output (read from the raw statistics it returns)."
+    return {h: collapse_state(out, k, prefix=h + "/") for h, k in {"dino": 64, "layer2": 256, "layer3": 256, "layer4": 256}.items()}
+
+
+@pytest.mark.parametrize("layer", ["layer2", "layer3", "layer4"])
+@pytest.mark.parametrize("kind", ["uniform", "one-hot", "constant"])
+def test_forced_collapse_of_each_search_head_read_from_raw_statistics(layer, kind):
+    """Force one teacher search head to collapse inside the model: 'uniform' (every image's logits nearly equal, the
+    embeddings differ), 'one-hot' (every image the same peaked distribution, the embeddings differ) or 'constant' (one
+    embedding for all). That head reads `kind`, every other head reads as it did unforced. Its loss's centre is set so
+    that the post-centring numbers read otherwise (the shared peak centred away; a peak the raw outputs lack): only the
+    raw statistics see the collapse."""
+    base = _unforced_states()
+    m = _model()
+    head, K = m.teacher["layer_heads"][layer], 256
+    peak, flat = F.one_hot(torch.tensor(3), K).float(), torch.full((K,), K ** -0.5)
+    orig = head.embed
+    head.embed = lambda x: (F.normalize(torch.ones_like(orig(x)), dim=-1) if kind == "constant" else
+                            F.normalize(3.0 * (flat if kind == "uniform" else peak) + orig(x), dim=-1))
+    centre = m.losses[layer].global_loss.center
+    with torch.no_grad(): centre.copy_({"one-hot": 0.95 * peak, "uniform": -peak, "constant": 0 * peak}[kind])
+    out = m(_crops())
+    states = _states(out)
+    assert base[layer] != kind and states[layer] == kind, (base, states)
+    assert {h: v for h, v in states.items() if h != layer} == {h: v for h, v in base.items() if h != layer}
+    post = m.losses[layer].stats                                            # post-centring: blind to it
+    if kind != "constant":
+        assert collapse_state(float(post["teacher_entropy"]), float(post["teacher_kl_uniform"]), K) != kind
 
 
 # ---- the split of SCFS into pieces (issue 14) changed no number -------------------------------------------------------

@@ -94,12 +94,43 @@ def test_flipped_view_object_box_tracks_object():
         assert white[inside].float().mean() > 0.9 and white[~inside].float().mean() < 0.1, (seed, flip)
 
 
-def test_object_scores_runs_and_counts():
-    torch.manual_seed(0)
-    r = object_scores(build_backbone('small'), n_images=3, n_local=3)
-    assert r['rows'] and sum(n for _, n in r['summary'].values()) == len(r['rows'])
-    assert all(s['score'] >= 0 for s in r['rows'])
-    assert {row['kind'] for row in r['rows']} <= {'on', 'off'}
+def _scores_with_box_maps(monkeypatch, kind, **kw):
+    """`object_scores` with search maps made from each image's own object box in global view 0: 'uniform' (1
+    everywhere), 'inside' (1 on the cells wholly inside the box) or 'outside' (1 on the cells wholly outside).
+    Returns (result, the object box in view 0 of each image, in order)."""
+    cur, views = {}, []
+    real_iter, real_views = scfs.scores._scene_iter, scfs.scores.sample_views
+    def scene_iter(*a, **k):
+        for img, obj in real_iter(*a, **k): cur['obj'] = obj; yield img, obj
+    def sample(*a, **k): cur['v'] = real_views(*a, **k); return cur['v']
+    def fake(backbone, local_crops, global_views, layers=LAYERS, **_):
+        v, S = cur['v'], cur['v']['global_size']
+        views.append(source_to_view(cur['obj'], v['boxes'][0].tolist(), bool(v['flips'][0]), S))
+        f = {l: box_fraction_map((S // s, S // s), views[-1], S) for l, s in zip(layers, (4, 8, 16))}
+        pick = dict(uniform=lambda x: torch.ones_like(x), inside=lambda x: (x == 1).double(), outside=lambda x: (x == 0).double())
+        return {l: pick[kind](x).float()[None].repeat(len(local_crops), 1, 1) for l, x in f.items()}
+    monkeypatch.setattr(scfs.scores, '_scene_iter', scene_iter)
+    monkeypatch.setattr(scfs.scores, 'sample_views', sample)
+    monkeypatch.setattr(scfs.scores, 'search_maps', fake)
+    return object_scores(None, **kw), views
+
+
+@pytest.mark.parametrize('kind', ['uniform', 'inside', 'outside'])
+def test_object_scores_of_maps_made_from_the_box(monkeypatch, kind):
+    """The score of a map with no preference is 1, of a map on the object's cells 1 / the box's share of the view, of
+    a map off the object 0: on every crop and layer (was: score >= 0, true of any map)."""
+    r, views = _scores_with_box_maps(monkeypatch, kind, n_images=6, n_local=4)
+    assert r['rows'] and {row['kind'] for row in r['rows']} == {'on', 'off'}
+    S = 64
+    for row in r['rows']:
+        shape = {l: (S // s, S // s) for l, s in zip(LAYERS, (4, 8, 16))}[row['layer']]
+        share = float(box_fraction_map(shape, views[row['image']], S).mean())
+        want = {'uniform': 1.0, 'inside': 1 / share, 'outside': 0.0}[kind]
+        assert row['score'] == pytest.approx(want, rel=1e-9, abs=1e-12), row
+    assert sum(n for _, n in r['summary'].values()) == len(r['rows'])
+    for (l, k), (mean, n) in r['summary'].items():
+        xs = [row['score'] for row in r['rows'] if (row['layer'], row['kind']) == (l, k)]
+        assert n == len(xs) and (mean == pytest.approx(np.mean(xs)) if xs else math.isnan(mean))
 
 
 def test_load_image_and_errors(tmp_path):
@@ -194,16 +225,38 @@ def scenes(tmp_path_factory):
     return d
 
 
-def test_object_auroc_random_init(scenes):
+def test_object_auroc_random_init_rows_recomputed(scenes):
+    """Every row of the first images recomputed from the pieces (the seeded choice of val scenes, their views, the
+    search maps, the object's cells in view 0, map_auroc), and the summary from the rows by hand (was: ranges)."""
+    import json
     torch.manual_seed(0)
-    r = object_auroc(build_backbone('small'), scenes, n_images=8, n_local=4, global_size=32, local_size=16, n_boot=200)
-    assert r['split'] == ('val' if (scenes / 'val').is_dir() else 'test')
-    assert set(r['summary']) == set(LAYERS) and r['rows']
-    assert all(0 <= x['auroc'] <= 1 and x['kind'] in ('on', 'off') for x in r['rows'])
+    bb, kw = build_backbone('small'), dict(n_local=4, global_size=32, local_size=16)
+    r = object_auroc(bb, scenes, n_images=8, n_boot=200, **kw)
+    assert r['split'] == ('val' if (scenes / 'val').is_dir() else 'test') and r['rows']
+    boxes = json.loads((scenes / 'boxes.json').read_text())
+    keys = sorted(k for k in boxes if k.startswith(r['split'] + '/'))
+    keys = [keys[j] for j in np.random.default_rng(0).permutation(len(keys))]      # object_auroc's seeded choice
+    for i in range(3):
+        img, obj = Image.open(scenes / keys[i]).convert('RGB'), boxes[keys[i]]
+        v = sample_views(img, seed=i, **kw)
+        S = v['global_size']
+        ov = source_to_view(obj, v['boxes'][0].tolist(), bool(v['flips'][0]), S)
+        want = []
+        if clip_box(ov, S) is not None:
+            maps = search_maps(bb, v['locals'], v['globals'])
+            for k in range(4):
+                kind = crop_kind(v['boxes'][2 + k].tolist(), obj)
+                for l in LAYERS if kind else ():
+                    a = map_auroc(maps[l][k], box_mask(tuple(maps[l][k].shape), ov, S))
+                    if not math.isnan(a): want.append((k, kind, l, a))
+        got = [(x['crop'], x['kind'], x['layer'], x['auroc']) for x in r['rows'] if x['image'] == i]
+        assert [g[:3] for g in got] == [w[:3] for w in want], i
+        np.testing.assert_allclose([g[3] for g in got], [w[3] for w in want], rtol=1e-9)
     for l, s in r['summary'].items():
-        assert set(s) == {'on', 'off', 'n_on', 'n_off', 'img_on', 'img_off', 'ci_on', 'ci_off'}
-        assert s['n_on'] == sum(x['layer'] == l and x['kind'] == 'on' for x in r['rows']) > 0
-        assert 0 <= s['on'] <= 1 and s['ci_on'][0] <= s['on'] <= s['ci_on'][1]
+        for kind in ('on', 'off'):
+            xs = [x for x in r['rows'] if x['layer'] == l and x['kind'] == kind]
+            assert s[f'n_{kind}'] == len(xs) and s[f'img_{kind}'] == len({x['image'] for x in xs})
+            assert s[kind] == pytest.approx(np.mean([x['auroc'] for x in xs])) if xs else math.isnan(s[kind])
     assert 'layer2 on' in format_auroc({'random': r})
 
 

@@ -91,3 +91,34 @@ def test_extract_features_normalised_and_mode_restored():
     f, l = extract_features(bb, ds, batch_size=4)
     assert f.shape == (10, 16) and torch.allclose(f.norm(dim=1), torch.ones(10)) and l.tolist() == (torch.arange(10) % 3).tolist()
     assert bb.training
+
+
+def _labelled(root, classes, n=3, size=8):
+    "A labelled folder: `n` random `size`-px images in each class sub-folder of `classes`."
+    from PIL import Image
+    g = torch.Generator().manual_seed(len(classes))
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            a = torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8).numpy()
+            Image.fromarray(a).save(root / c / f'{i}.png')
+    return root
+
+
+def test_one_class_and_misnumbered_folders_are_refused_before_any_feature(tmp_path, monkeypatch):
+    "A bank of one class reads 100 % for any backbone; a val whose classes are numbered otherwise reads garbage."
+    import scfs.evaluate as E
+    from scfs.evaluate import check_knn_folders, labelled_classes, knn_checkpoint, linear_checkpoint, KnnMonitor, labelled_features
+    tr, va, one = _labelled(tmp_path / 'tr', 'abc'), _labelled(tmp_path / 'va', 'ab'), _labelled(tmp_path / 'one', 'b')
+    assert check_knn_folders(tr, va) == ['a', 'b', 'c'] and labelled_classes(va) == ['a', 'b']
+    monkeypatch.setattr(E, 'extract_features', lambda *a, **k: pytest.fail('features extracted before the check'))
+    for fn in (knn_checkpoint, linear_checkpoint):
+        with pytest.raises(ScfsError, match='has 1 class'): fn(None, one, va, size=8)
+        with pytest.raises(ScfsError, match='differently'): fn(None, tr, one, size=8)    # 'b' would be class 0 there
+    monkeypatch.undo()
+    with pytest.raises(ScfsError, match='at least 2 classes'): KnnMonitor(one, None, 8, n=3)
+    from torch.utils.data import TensorDataset
+    bb, _ = load_backbone(None, backbone='small', backbone_kw={'widths': [8, 8, 16, 16]})
+    same = TensorDataset(torch.randn(4, 3, 16, 16), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ScfsError, match='at least 2 classes'): labelled_features(bb, same, same, size=16)
+    assert KnnMonitor(tr, va, 8, n=6).source == 'val'

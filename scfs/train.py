@@ -21,7 +21,7 @@ from .model import build_model, cosine_schedule
 from .evaluate import knn_checkpoint, KnnMonitor
 from .losses import collapse_state
 from .distributed import init_distributed, cleanup_distributed, all_reduce_mean, is_main, barrier, batch_sizes, guard_first_step
-from .loader import ResumableSampler, SeededDataset, MemoryLoader, resolve_data, views_for, build_loader
+from .loader import ResumableSampler, SeededDataset, MemoryLoader, resolve_data, views_for, build_loader, check_data
 from .runfiles import save_checkpoint, load_checkpoint, rng_state, set_rng_state, MetricsLog, read_metrics, plot_loss_curve
 
 # %% auto #0
@@ -162,7 +162,7 @@ def setup_run(cfg: Config, device: torch.device, rank: int = 0, world: int = 1) 
     source_hash()                       # fixed now: the code this run imported (results.json stores it)
     amp, channels_last, sync_bn = _runtime_settings(cfg, device, world)
     per, total = batch_sizes(cfg, world)                # DINO's semantics: batch_size_per_gpu, else batch_size is the total
-    # TODO(lead): scfs.loader.check_data(cfg) goes here, before the run folder is made (another helper is writing it)
+    check_data(cfg, world)                              # data it cannot train on: one line, before the run folder exists
     rd = _prepare_run_dir(cfg)
     ckpt = _resume_checkpoint(cfg, rd, world) if cfg.resume else None
     train_dir, knn_train, knn_val, val_dir = resolve_data(cfg)

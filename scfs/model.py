@@ -25,6 +25,9 @@ from .losses import DINOLoss, SearchLoss, koleo_loss, collapse_state, crop_cells
 # %% ../nbs/06_model.ipynb #57c11c12
 class Student(nn.ModuleDict):
     "`ModuleDict(backbone, head, layer_heads)`; `forward` computes every student output that needs a gradient."
+    def __init__(self, modules: dict | None = None):   # ModuleDict's own signature does not resolve in show_doc
+        super().__init__(modules)
+
     def forward(self, globals_: torch.Tensor, locals_: torch.Tensor | None = None, maps=()) -> dict:
         """`globals_` (2B, 3, H, W) and `locals_` (nB, 3, h, w), crop-major. Returns dict(head=(2B+nB, K) DINO-head
         outputs [globals, locals], z=(2B, D) the head's normalised bottleneck of the global views; per search layer l: f'{l}/global' (2B, D), f'{l}/local' (nB, D) search-head outputs and

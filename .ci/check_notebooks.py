@@ -6,6 +6,7 @@ Rules (CI fails on any violation):
   * no stored error outputs;
   * each notebook file is at most MAX_NB_BYTES (figures are stored downsampled);
   * every numbered notebook declares `#| default_exp` (one module per notebook);
+  * every exported function and class has a `show_doc` cell in its notebook (`.ci/show_doc.py --check`);
   * README.md equals what `.ci/readme.py` generates from nbs/index.ipynb.
 """
 import json, pathlib, subprocess, sys
@@ -35,6 +36,10 @@ for path in nbs:
                 problems.append(f'{name}: code cell {i} stores an error output ({o.get("ename")})')
     if path.stem[:2].isdigit() and not exp:
         problems.append(f'{name}: numbered notebooks export a module (`#| default_exp`)')
+r = subprocess.run([sys.executable, str(root / '.ci' / 'show_doc.py'), '--check', *map(str, nbs)], capture_output=True, text=True)
+if r.returncode: problems.append('an exported symbol has no show_doc cell (run `python .ci/show_doc.py nbs/*.ipynb`, then '
+                                 're-execute): ' + '; '.join(l.strip() for l in (r.stdout + r.stderr).splitlines()
+                                                                 if l.strip() and not l.rstrip().endswith('for nothing'))[:600])
 r = subprocess.run([sys.executable, str(root / '.ci' / 'readme.py'), '--check'], capture_output=True, text=True)
 if r.returncode: problems.append(r.stdout.strip() or r.stderr.strip())
 for p in problems: print('NOTEBOOK CHECK:', p)

@@ -22,6 +22,7 @@ def _cli_overrides(args) -> dict:
         ov[k.strip().replace('-', '_')] = v
     for k in ('data', 'method', 'epochs', 'batch_size', 'out', 'seed', 'device', 'workers'):
         if getattr(args, k) is not None: ov[k] = getattr(args, k)
+    if args.batch_size is not None and 'batch_size_per_gpu' not in ov: ov['batch_size_per_gpu'] = '0'   # --batch-size is the total
     if args.no_eval: ov['eval'] = 'false'
     if args.quiet: ov['progress'] = 'false'
     if args.resume: ov['resume'] = 'true'
@@ -60,7 +61,7 @@ def _cli_pretrain(args):
 _EPILOG = """presets:
   tiny               SmallResNet on the generated clutter scenes (CPU, a few minutes) [default]
   resnet18           one GPU, small/medium datasets (96/48 px crops)
-  resnet50-imagenet  the official SCFS ImageNet recipe (200 epochs, batch 256, 2x224 + 8x96 crops)
+  resnet50-imagenet  the official SCFS ImageNet recipe (200 epochs, 32 per GPU: 256 on 8 GPUs, 2x224 + 8x96 crops)
 
 examples:
   scfs pretrain                                   # tiny preset: scenes, training, kNN (trained vs random init)
@@ -80,7 +81,7 @@ def add_cli(sub):
     p.add_argument('--data', help='image folder (labelled or not); a folder with train/ and test/ also gets a kNN')
     p.add_argument('--method', help='scfs or dino')
     p.add_argument('--epochs', help='number of epochs')
-    p.add_argument('--batch-size', dest='batch_size', help='total batch size (over all processes)')
+    p.add_argument('--batch-size', dest='batch_size', help='total batch size over all processes (sets batch_size_per_gpu=0)')
     p.add_argument('--out', help='run folder (default runs/<preset>-<method>)')
     p.add_argument('--resume', action='store_true', help='continue the run in --out from checkpoint_last.pth')
     p.add_argument('--force', action='store_true', help='delete an existing run folder first')

@@ -350,9 +350,10 @@ def room_auroc_verdict(rows, label: str = ROOM_PRIMARY) -> str:
 # %% ../nbs/12a_recipes.ipynb #2e71a8e4
 MAIN_JOB = 'nbs/results/main_job.json'
 
-def record_run(run_dir, name: str, path=MAIN_JOB, wall_s: float | None = None) -> dict:
+def record_run(run_dir, name: str, path=MAIN_JOB, wall_s: float | None = None, wall_note: str | None = None) -> dict:
     """Store a finished `scfs pretrain` run (its results.json, the settings that differ from its preset, the date and
-    machine) under `name` in `path`, replacing an earlier record of that name: prose then quotes the file, not memory."""
+    machine) under `name` in `path`, replacing an earlier record of that name: prose then quotes the file, not memory.
+    `wall_note`: how the wall time was taken (e.g. on a machine shared with other jobs); the table prints it."""
     import platform
     from scfs.config import get_config
     rd = Path(run_dir)
@@ -362,7 +363,7 @@ def record_run(run_dir, name: str, path=MAIN_JOB, wall_s: float | None = None) -
     eps = [json.loads(l) for l in (rd / 'metrics.jsonl').read_text().splitlines() if '"epoch"' in l and '"type": "epoch"' in l]
     r = dict(name=name, method=cfg['method'], preset=cfg['preset'], changed=diff, epochs=cfg['epochs'],
              steps=sum(e.get('iters', 0) for e in eps), **{k: res.get(k) for k in ('knn', 'random_knn', 'val_knn',
-             'random_val_knn', 'epoch_time', 'time')}, wall_s=wall_s, date=time.strftime('%Y-%m-%d'),
+             'random_val_knn', 'epoch_time', 'time')}, wall_s=wall_s, wall_note=wall_note, date=time.strftime('%Y-%m-%d'),
              machine=f'{platform.machine()} {os.cpu_count()} CPU cores', torch=torch.__version__, config=cfg,
              source_hash=res.get('source_hash'))
     _locked_update(path, lambda d: d.__setitem__('runs', [x for x in d['runs'] if x['name'] != name] + [r]))
@@ -375,10 +376,15 @@ def main_job_markdown(path=MAIN_JOB) -> str:
     if not load_results(path): return _none_yet(rows)
     for r in load_results(path):
         data = r['changed'].get('data', 'shape scenes (default)')
-        wall = r.get('wall_s') or r.get('time') or 0
         rows.append(f"| `{r['name']}` | {data} | **{r['knn']:.1f}** | {r['random_knn']:.1f} | **{r['knn'] - r['random_knn']:+.1f}** | "
-                    f"{r['val_knn']:.1f} | {int(wall // 60)} min {int(wall % 60):02d} s | {r['date']}, {r['machine']} |")
+                    f"{r['val_knn']:.1f} | {_wall(r)} | {r['date']}, {r['machine']} |")
     return '\n'.join(rows)
+
+def _wall(r) -> str:
+    "A main-job record's wall time as the table prints it: not timed when the run was resumed, with its note if any."
+    wall = r.get('wall_s') or (None if (r.get('config') or {}).get('resume') else r.get('time'))
+    if wall is None: return 'not timed (resumed run)'
+    return f"{int(wall // 60)} min {int(wall % 60):02d} s" + (f" ({r['wall_note']})" if r.get('wall_note') else '')
 
 
 # %% ../nbs/12a_recipes.ipynb #e1f2a3b4

@@ -132,3 +132,17 @@ def test_gpu_check_writes_the_file_on_cpu(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ScfsError, match='gpu_check needs a CUDA device'): gpu_check(out=str(tmp_path / 'x'))
         assert not (tmp_path / 'x').exists()
+
+
+def test_cli_batch_size_is_the_total_on_gpu_presets():
+    "`--batch-size N` on a preset with batch_size_per_gpu > 0 sets the total (was silently ignored: per GPU won)."
+    import argparse
+    from scfs.pretrain import _cli_overrides
+    from scfs.config import get_config
+    from scfs.distributed import batch_sizes
+    args = argparse.Namespace(overrides=[], data=None, method=None, epochs=None, batch_size='48', out=None, seed=None,
+                              device=None, workers=None, no_eval=False, quiet=False, resume=False, force=False)
+    cfg = get_config('resnet18', **_cli_overrides(args))
+    assert batch_sizes(cfg, 1) == (48, 48) and batch_sizes(cfg, 2) == (24, 48)
+    args.overrides = ['batch_size_per_gpu=16']          # an explicit per-GPU batch still wins
+    assert batch_sizes(get_config('resnet18', **_cli_overrides(args)), 2) == (16, 32)

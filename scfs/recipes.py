@@ -404,7 +404,7 @@ def readme_results(results_dir='nbs/results') -> str:
         recipe_markdown(recipe_rows(runs['recipes'], names=list(README_RECIPES), benches=('shapes', 'digits'))), '',
         '**The official objective beside ours**: {`tiny-official`, `tiny`} × {DINO, SCFS} on the shapes, val kNN gain '
         'over random init (mean ± 95 % t-interval, runs) and the paired SCFS − DINO per objective; two objectives '
-        'read, neither primary, so each verdict is Bonferroni-corrected over the two (from `nbs/results/recipes.json`):',
+        'read, neither primary, so each verdict is Bonferroni-corrected over those with an interval (from `nbs/results/recipes.json`):',
         '', two_by_two_markdown(rows), '', '```', two_by_two_verdict(rows) or 'no paired runs yet', '```', '',
         '**The room regime** (`ROOM`: 64-px global views, search maps 16×16, 8×8, 4×4 at layers 2-4; shapes, kNN on '
         'test; the primary comparison, named before the runs, is SCFS − DINO under `tiny-official`\'s objective, the '

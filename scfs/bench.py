@@ -216,9 +216,9 @@ def bench_steps(device='cpu', s=None, repeats=None, warmup=None, bare=True) -> d
 
 
 # %% ../nbs/13_bench.ipynb #ee13e004
-# The room regime (issue 23): the `tiny` model at 64/32-px views under the official objective. `scfs.recipes` names this
-# override set `ROOM`; bench comes before recipes in the import order, so the two overrides are repeated here (to be unified).
-ROOM_PRESET, ROOM_OVERRIDES = 'tiny-official', dict(global_size=64, local_size=32)
+# The room regime (issue 23): the `tiny` model under the official objective with `scfs.config.ROOM`'s views
+from .config import ROOM
+ROOM_PRESET, ROOM_OVERRIDES = 'tiny-official', ROOM
 
 def room_settings(s: dict) -> dict:
     "The settings `s` (batch, repeats, ...) with the room regime's model and views: `get_config(ROOM_PRESET, **ROOM_OVERRIDES)`."

@@ -15,7 +15,7 @@ from .shapes import CLUTTER
 from .backbone import LAYERS, build_backbone
 
 # %% auto #0
-__all__ = ['PRESETS', 'DataSettings', 'ModelSettings', 'CropSettings', 'OptimSettings', 'RunSettings', 'Config',
+__all__ = ['ROOM', 'PRESETS', 'DataSettings', 'ModelSettings', 'CropSettings', 'OptimSettings', 'RunSettings', 'Config',
            'validate_config', 'get_config', 'config_diff', 'same_setting', 'config_from_dict']
 
 # %% ../nbs/05a_config.ipynb #573197e8
@@ -144,6 +144,10 @@ class Config(RunSettings, OptimSettings, CropSettings, ModelSettings, DataSettin
 # the official DINO/SCFS recipe for what the tiny preset changes (see its table): the GPU presets keep it
 _OFFICIAL = dict(head_bn=False, layer_weights=None, centering='ema', koleo_weight=0.0, loc_weight=0.0, jitter=(0.4, 0.4, 0.2, 0.1),
                  p_jitter=0.8, p_grey=0.2, p_shuffle=0.0, p_invert=0.0, freeze_last_layer=1, layer_init='torch')
+# the room regime (12a_recipes, 13_bench): 64-px global (32-px local) views of the 64-px scenes, so the teacher's maps of
+# the first global view are 16x16, 8x8 and 4x4 at layers 2-4 (tiny: 8x8, 4x4, 2x2); kNN read at the same 64 px
+ROOM = dict(global_size=64, local_size=32, eval_size=64, memory_size=64)
+
 PRESETS = {
     'tiny': {},
     # the official objective at tiny sizes, with DINO's default teacher temperature (0.04, no warm-up): 0.04 -> 0.07 as in

@@ -14,11 +14,11 @@ from .experiments import load_results, ci95, compare, _locked_update, _jsonable
 
 # %% auto #0
 __all__ = ['RECIPES', 'BENCHMARKS', 'DIGIT_LADDER', 'BENCH_SCENES', 'RUNTIME_FIELDS', 'RECIPE_NAMES', 'TWO_BY_TWO', 'ROOM_EPOCHS',
-           'ROOM', 'ROOM_RESULTS', 'ROOM_SCREEN', 'ROOM_LEVELS', 'ROOM_PAIRS', 'ROOM_PRIMARY', 'MAIN_JOB',
-           'README_RECIPES', 'run_recipe', 'recipe_rows', 'recipe_markdown', 'has_provenance', 'expected_config',
-           'check_provenance', 'archive_unprovenanced', 'paired_rows', 'paired_markdown', 'paired_verdict',
-           'two_by_two_rows', 'two_by_two_markdown', 'two_by_two_verdict', 'room_jobs', 'run_room', 'room_screen',
-           'room_rows', 'room_markdown', 'room_verdict', 'room_auroc_markdown', 'room_auroc_verdict', 'record_run',
+           'ROOM_RESULTS', 'ROOM_SCREEN', 'ROOM_LEVELS', 'ROOM_PAIRS', 'ROOM_PRIMARY', 'MAIN_JOB', 'README_RECIPES',
+           'run_recipe', 'recipe_rows', 'recipe_markdown', 'has_provenance', 'expected_config', 'check_provenance',
+           'archive_unprovenanced', 'paired_rows', 'paired_markdown', 'paired_verdict', 'two_by_two_rows',
+           'two_by_two_markdown', 'two_by_two_verdict', 'room_jobs', 'run_room', 'room_screen', 'room_rows',
+           'room_markdown', 'room_verdict', 'room_auroc_markdown', 'room_auroc_verdict', 'record_run',
            'main_job_markdown', 'readme_results']
 
 # %% ../nbs/12a_recipes.ipynb #8f004f6f
@@ -277,9 +277,7 @@ def two_by_two_verdict(rows) -> str:
 
 # %% ../nbs/12a_recipes.ipynb #9b00020c
 ROOM_EPOCHS = 12     # the room regime's budget: start of the screen (`room_screen`); a run must take <= 15 min on 2 cores
-# the room regime: 64-px global views (32-px local) of the 64-px scenes at today's stride: the teacher's maps of the
-# first global view are 16x16, 8x8 and 4x4 at layers 2-4 (the cell below asserts it); kNN read at the same 64 px
-ROOM = dict(global_size=64, local_size=32, eval_size=64, memory_size=64)
+from .config import ROOM   # the room regime's override set, defined once (the cell below asserts its map sizes)
 ROOM_RESULTS, ROOM_SCREEN = 'nbs/results/room.json', 'nbs/results/room_screen.json'
 ROOM_LEVELS = {'ls0.03': (0.03, 0.12), 'ls0.008': (0.008, 0.03)}      # local-crop areas besides the presets' 0.1-0.4
 ROOM_PAIRS = {'official': ('room-official-dino', 'room-official'), 'tiny': ('room-tiny-dino', 'room-tiny'),

@@ -99,6 +99,20 @@ def test_uniform_logits_read_uniform(centering):
 
 
 @pytest.mark.parametrize("centering", ["ema", "sinkhorn"])
+def test_collapse_stats_are_of_the_raw_logits(centering):
+    """The monitor reads softmax(logits / T) before any centring: by hand, with a shared per-prototype offset that the
+    centring removes (post-centring entropy would read near ln K, the raw one reads the offset's peak)."""
+    logits = _cosines(2 * B) + 3 * F.one_hot(torch.tensor(5), K).float()
+    crit = DINOLoss(K, 4, centering=centering)
+    for _ in range(30): crit(torch.randn(4 * B, K), logits)
+    p = F.softmax(logits / crit.teacher_temp(0), -1)
+    h, m = -(p * p.log()).sum(-1).mean(), p.mean(0)
+    torch.testing.assert_close(crit.stats['raw_entropy'], h)
+    torch.testing.assert_close(crit.stats['raw_mean_entropy'], -(m * m.log()).sum())
+    assert crit.stats['raw_entropy'] < 0.1 * math.log(K) < crit.stats['teacher_entropy']
+
+
+@pytest.mark.parametrize("centering", ["ema", "sinkhorn"])
 def test_random_logits_read_ok(centering):
     st = _run(centering, _cosines(2 * B))
     assert collapse_state(st, K) == 'ok' and st['mi'] > 0.02 * math.log(K)

@@ -189,10 +189,10 @@ def search_term(crit: SearchLoss, head: SearchHead, s: dict, t: dict, layer: str
     t_map, queries = t[layer], s[f"{layer}/local_map"]
     with torch.no_grad():
         t_global = head(t_map)
-        searched, A = search_features(queries, t_map, len(queries) * 2 // len(t_map), keys=keys, softmax=softmax,
-                                      temperature=temperature)
+        _, A = search_features(queries, t_map, len(queries) * 2 // len(t_map), keys=keys, softmax=softmax,
+                               temperature=temperature, write=False)             # the maps; S itself is never read
         V = 2 if keys == "both" else 1
-        t_searched = head.forward_searched(t_map[:V * len(t_map) // 2], A, searched, views=V)   # == head(searched)
+        t_searched = head.forward_searched(t_map[:V * len(t_map) // 2], A, views=V)   # == head(S), without S
     terms = crit(s[f"{layer}/global"], t_global, s[f"{layer}/local"], t_searched, epoch)
     out = {f"{layer}/global": terms["global"].detach(), f"{layer}/local": terms["local"].detach(),
            layer: terms["loss"].detach(), **_diagnostics(layer, crit.stats)}

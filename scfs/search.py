@@ -48,14 +48,15 @@ def search_features_loop(local_maps: torch.Tensor, global_maps: torch.Tensor, n_
 
 # %% ../nbs/03_search.ipynb #332228a2
 def search_features(local_maps: torch.Tensor, global_maps: torch.Tensor, n_local: int, *, keys: str = 'first',
-                    softmax: bool = False, temperature: float = 1.0, detach_query: bool = True):
+                    softmax: bool = False, temperature: float = 1.0, detach_query: bool = True, write: bool = True):
     """Semantics-consistent feature search (vectorised; the one training uses).
 
     local_maps (n_local*B, C, h, w): student maps of the local crops, crop-major (row i*B+b = crop i of image b);
     global_maps (2*B, C, H, W): teacher maps of the two global views (rows 0..B-1 = view 0).
     Returns searched (V*n_local*B, C, H, W) and maps (V*n_local*B, H, W), V = 1 for keys='first', 2 for 'both'
     (rows [all crops vs view 0; all crops vs view 1]). Defaults = official code: cosine map, no softmax,
-    first global view, raw teacher map re-weighted, detached query."""
+    first global view, raw teacher map re-weighted, detached query. `write=False` returns (None, maps): training's
+    search heads never read S (`SearchHead.forward_searched`), so its one big write is skipped."""
     B = _check(local_maps, global_maps, n_local, keys, temperature)
     V = 1 if keys == 'first' else 2
     _, C, H, W = global_maps.shape
@@ -70,5 +71,6 @@ def search_features(local_maps: torch.Tensor, global_maps: torch.Tensor, n_local
     if softmax: A = torch.softmax(A.float() / temperature, dim=-1)
     A = A.to(G.dtype)                                                  # keep S in the maps' dtype (fp16/bf16 under AMP)
     A = A.view(V, B, n_local, H, W).transpose(1, 2).contiguous()       # (V, n, B, H, W): back to crop-major (small copy)
+    if not write: return None, A.view(V * n_local * B, H, W)
     S = G.unflatten(0, (V, B)).unsqueeze(1) * A.unsqueeze(3)           # (V, n, B, C, H, W): the one big write
     return S.reshape(V * n_local * B, C, H, W), A.view(V * n_local * B, H, W)

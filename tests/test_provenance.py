@@ -75,3 +75,36 @@ def test_every_stored_run_has_provenance_and_the_archive_none():
     assert all(R.has_provenance(r) for f in RESULTS.glob('*.json') for r in load_results(f))
     archived = [r for f in (RESULTS / 'archive').glob('pre-provenance-*.json') for r in load_results(f)]
     assert archived and not any(R.has_provenance(r) for r in archived)
+
+
+def _source_commit():
+    import importlib.util, subprocess
+    root = RESULTS.parent.parent
+    try: shallow = subprocess.run(['git', '-C', str(root), 'rev-parse', '--is-shallow-repository'], capture_output=True, text=True)
+    except OSError: pytest.skip('git is not installed')
+    if shallow.returncode or shallow.stdout.strip() != 'false': pytest.skip('not a full git clone: the history is needed')
+    spec = importlib.util.spec_from_file_location('source_commit', root / '.ci' / 'source_commit.py')
+    m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
+    return m, root
+
+
+def test_source_commit_recomputes_source_hash_from_git(monkeypatch):
+    import subprocess
+    from scfs.core import source_hash
+    m, root = _source_commit()
+    monkeypatch.chdir(root)
+    if subprocess.run(['git', 'diff', '--quiet', 'HEAD', '--', 'scfs/']).returncode or \
+            subprocess.run(['git', 'ls-files', '--others', '--exclude-standard', 'scfs/'], capture_output=True, text=True).stdout:
+        pytest.skip('scfs/ differs from HEAD: nothing to compare with')
+    assert m.commit_hash('HEAD') == source_hash(root / 'scfs')
+    assert m.commits_of(['0123456789abcdef']) == {'0123456789abcdef': []}      # a hash of no commit finds none
+
+
+def test_every_stored_run_traces_to_a_commit(monkeypatch):
+    "Every source_hash in nbs/results/*.json and data/backbones/*.json is the scfs/ sources of a commit on main."
+    m, root = _source_commit()
+    monkeypatch.chdir(root)
+    counts = m.result_hashes()
+    assert counts, 'no stored run with a source_hash'
+    lost = {h: n for h, cs in m.commits_of(counts).items() if not cs for n in [counts[h]]}
+    assert not lost, f'stored runs whose sources match no commit (started on uncommitted code): {lost}'

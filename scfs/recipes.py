@@ -14,11 +14,11 @@ from .experiments import load_results, ci95, compare, _locked_update, _jsonable
 
 # %% auto #0
 __all__ = ['RECIPES', 'BENCHMARKS', 'DIGIT_LADDER', 'BENCH_SCENES', 'RUNTIME_FIELDS', 'RECIPE_NAMES', 'TWO_BY_TWO', 'ROOM_EPOCHS',
-           'ROOM_RESULTS', 'ROOM_SCREEN', 'ROOM_LEVELS', 'ROOM_PAIRS', 'ROOM_PRIMARY', 'MAIN_JOB', 'README_RECIPES',
-           'run_recipe', 'recipe_rows', 'recipe_markdown', 'has_provenance', 'expected_config', 'check_provenance',
-           'archive_unprovenanced', 'paired_rows', 'paired_markdown', 'paired_verdict', 'two_by_two_rows',
-           'two_by_two_markdown', 'two_by_two_verdict', 'room_jobs', 'run_room', 'room_screen', 'room_rows',
-           'room_markdown', 'room_verdict', 'room_auroc_markdown', 'room_auroc_verdict', 'record_run',
+           'ROOM_RESULTS', 'ROOM_SCREEN', 'ROOM_LEVELS', 'ROOM_PAIRS', 'ROOM_PRIMARY', 'ROOM_DEPARTURES', 'MAIN_JOB',
+           'README_RECIPES', 'run_recipe', 'recipe_rows', 'recipe_markdown', 'has_provenance', 'expected_config',
+           'check_provenance', 'archive_unprovenanced', 'paired_rows', 'paired_markdown', 'paired_verdict',
+           'two_by_two_rows', 'two_by_two_markdown', 'two_by_two_verdict', 'room_jobs', 'run_room', 'room_screen',
+           'room_rows', 'room_markdown', 'room_verdict', 'room_auroc_markdown', 'room_auroc_verdict', 'record_run',
            'main_job_markdown', 'readme_results']
 
 # %% ../nbs/12a_recipes.ipynb #8f004f6f
@@ -285,13 +285,18 @@ ROOM_PAIRS = {'official': ('room-official-dino', 'room-official'), 'tiny': ('roo
 # named before the runs: SCFS − DINO under `tiny-official`'s objective in the room regime, paired by seed, on test;
 # every other row of `ROOM_PAIRS` is secondary (Bonferroni over those read)
 ROOM_PRIMARY = 'official'
+# departures from `tiny-official`'s objective that every `official` row carries: none, unless the screen on val shows
+# the official objective cannot reach random init + 10 within the budget (then the fewest that make both arms learn)
+ROOM_DEPARTURES: dict = {}
 
-def room_jobs(epochs: int = ROOM_EPOCHS, primary_seeds=range(8), secondary_seeds=range(3), level_seeds=range(4)) -> list:
+def room_jobs(epochs: int = ROOM_EPOCHS, primary_seeds=range(8), secondary_seeds=range(3), level_seeds=range(4),
+              departures: dict | None = None) -> list:
     """(name, preset, overrides, seed) of the room study in the order it runs: the primary comparison seed by seed,
     then `tiny`'s objective, then the crop-scale levels; each DINO job next to its SCFS twin (with two shards one
-    runs every DINO job, the other the twins, so pairs finish together)."""
-    spec = [('official', 'tiny-official', {}, primary_seeds), ('tiny', 'tiny', {}, secondary_seeds)] + \
-           [(f'official@{l}', 'tiny-official', dict(local_scale=sc), level_seeds) for l, sc in ROOM_LEVELS.items()]
+    runs every DINO job, the other the twins, so pairs finish together). `departures` (default `ROOM_DEPARTURES`) go into every `official` job."""
+    dep = ROOM_DEPARTURES if departures is None else departures
+    spec = [('official', 'tiny-official', dict(dep), primary_seeds), ('tiny', 'tiny', {}, secondary_seeds)] + \
+           [(f'official@{l}', 'tiny-official', dict(dep, local_scale=sc), level_seeds) for l, sc in ROOM_LEVELS.items()]
     return [(n, preset, dict(ROOM, epochs=epochs, **x, method=m), s) for label, preset, x, seeds in spec
             for s in seeds for m, n in zip(('dino', 'scfs'), ROOM_PAIRS[label])]
 
@@ -303,12 +308,13 @@ def run_room(jobs, shard=(0, 1), path=ROOM_RESULTS, auroc: int = 64, **kw):
         if i % shard[1] == shard[0]: run_recipe(n, ov, s, 'shapes', path=path, preset=preset, test=True, auroc=auroc, **kw)
 
 def room_screen(epochs: int = ROOM_EPOCHS, seed: int = 0, preset: str = 'tiny-official', methods=('dino', 'scfs'),
-                path=ROOM_SCREEN, **kw):
+                path=ROOM_SCREEN, departures: dict | None = None, tag: str = '', **kw):
     """The budget screen, on val only: one seed of each arm of `preset` in the room regime at `epochs`, into `path`
-    (minutes per run and val gain, `recipe_rows`), to choose the epochs before the paired runs start."""
+    (minutes per run and val gain, `recipe_rows`), to choose the epochs before the paired runs start; `departures`
+    (overrides of the objective, named `tag` in the run's name) screen a departure from `preset`."""
     for m in methods:
-        run_recipe(f'screen-{preset}-e{epochs}-{m}', dict(ROOM, epochs=epochs, method=m), seed, 'shapes', path=path,
-                   preset=preset, **kw)
+        run_recipe(f"screen-{preset}{'+' + tag if tag else ''}-e{epochs}-{m}", dict(ROOM, **(departures or {}), epochs=epochs,
+                   method=m), seed, 'shapes', path=path, preset=preset, **kw)
 
 # %% ../nbs/12a_recipes.ipynb #534caa0d
 def room_rows(results, split: str = 'test') -> list[dict]:

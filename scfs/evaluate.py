@@ -20,7 +20,7 @@ from .backbone import build_backbone, MultiLayerBackbone, backbone_state_dict_fo
 # %% auto #0
 __all__ = ['load_backbone', 'resolve_device', 'extract_features', 'knn_eval', 'knn_classify', 'linear_probe',
            'supervised_ceiling', 'labelled_classes', 'check_knn_folders', 'labelled_features', 'knn_checkpoint',
-           'linear_checkpoint', 'KnnMonitor', 'export_backbone', 'add_cli']
+           'knn_splits', 'linear_checkpoint', 'KnnMonitor', 'export_backbone', 'add_cli']
 
 # %% ../nbs/08_evaluate.ipynb #d1985506
 def _resolve_ckpt(checkpoint) -> Path:
@@ -205,23 +205,42 @@ def _features_for(checkpoint, train, val, size, which, device, batch_size, worke
     bb, info = load_backbone(checkpoint, which=which, backbone=backbone, backbone_kw=backbone_kw)
     if all(isinstance(p, (str, os.PathLike)) for p in (train, val)): check_knn_folders(train, val)   # before any feature
     size = int(size or info.get('eval_size') or 224)
-    return (*labelled_features(bb, train, val, size, batch_size, device, workers), size, info)
+    return (*labelled_features(bb, train, val, size, batch_size, device, workers), size, info, bb)
 
+
+# %% ../nbs/08_evaluate.ipynb #9de11607
 def knn_checkpoint(checkpoint, train, val, size: int | None = None, k: int = 20, T: float = 0.07,
                    ks=(10, 20, 100, 200), which: str = 'teacher', device='cpu', batch_size: int = 256, workers: int = 0,
                    backbone: str = 'small', backbone_kw: dict | None = None, seed: int = 0) -> dict:
     "kNN accuracy of a checkpoint's backbone (or a random init if `checkpoint` is None): dict(acc (at k), accs, size, ...)."
-    trf, trl, tef, tel, size, info = _features_for(checkpoint, train, val, size, which, device, batch_size, workers,
-                                                   backbone, backbone_kw, seed)
-    accs = knn_eval(trf, trl, tef, tel, ks=tuple(ks) + (k,), T=T)
-    return dict(acc=accs[min(k, len(trf))], accs=accs, k=k, T=T, size=size, n_train=len(trf), n_val=len(tef))
+    return knn_splits(checkpoint, train, {'val': val}, size, k, T, ks, which, device, batch_size, workers, backbone,
+                      backbone_kw, seed)['val']
+
+def knn_splits(checkpoint, train, splits: dict, size: int | None = None, k: int = 20, T: float = 0.07,
+               ks=(10, 20, 100, 200), which: str = 'teacher', device='cpu', batch_size: int = 256, workers: int = 0,
+               backbone: str = 'small', backbone_kw: dict | None = None, seed: int = 0) -> dict:
+    """`knn_checkpoint` on several labelled folders, `splits` {name: folder}, with one backbone and one extraction of
+    the memory bank `train` (a run's final kNN on val and test). Returns {name: knn_checkpoint's dict}."""
+    (first, f0), *rest = splits.items()
+    trf, trl, tef, tel, size, info, bb = _features_for(checkpoint, train, f0, size, which, device, batch_size, workers,
+                                                       backbone, backbone_kw, seed)
+    feats = {first: (tef, tel)}
+    for name, f in rest:
+        if isinstance(f, (str, os.PathLike)): check_knn_folders(train, f)
+        feats[name] = extract_features(bb, f, size, batch_size, device, workers)
+        if (feats[name][1] < 0).any(): raise ScfsError(f'evaluation needs labelled images (one sub-folder per class): {f}')
+    out = {}
+    for name, (tef, tel) in feats.items():
+        accs = knn_eval(trf, trl, tef, tel, ks=tuple(ks) + (k,), T=T)
+        out[name] = dict(acc=accs[min(k, len(trf))], accs=accs, k=k, T=T, size=size, n_train=len(trf), n_val=len(tef))
+    return out
 
 def linear_checkpoint(checkpoint, train, val, size: int | None = None, epochs: int = 100, wd: float = 1e-4,
                       which: str = 'teacher', device='cpu', batch_size: int = 256, workers: int = 0,
                       backbone: str = 'small', backbone_kw: dict | None = None, seed: int = 0) -> dict:
     "Linear-probe accuracy of a checkpoint's backbone (or a random init): dict(acc, size, ...)."
-    trf, trl, tef, tel, size, info = _features_for(checkpoint, train, val, size, which, device, batch_size, workers,
-                                                   backbone, backbone_kw, seed)
+    trf, trl, tef, tel, size, info, _ = _features_for(checkpoint, train, val, size, which, device, batch_size, workers,
+                                                      backbone, backbone_kw, seed)
     return dict(acc=linear_probe(trf, trl, tef, tel, epochs=epochs, wd=wd, seed=seed), size=size,
                 n_train=len(trf), n_val=len(tef))
 

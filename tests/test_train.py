@@ -90,7 +90,7 @@ def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, scenes, loader):
 
 
 def test_online_monitor_logs_knn_and_collapse_state(tmp_path, scenes, capsys):
-    r = train(_run_cfg(tmp_path, scenes, 'm', epochs=2, eval=True, eval_random=False, monitor_n=40, progress=True))
+    r = train(_run_cfg(tmp_path, scenes, 'm', epochs=2, eval=True, eval_random=True, monitor_n=40, progress=True))
     mons = read_metrics(r['run_dir'], 'monitor')
     assert [m['epoch'] for m in mons] == [-1, 0, 1]
     assert [m['step'] for m in mons] == [-1, 5, 11]            # 6 iterations per epoch; -1: before the first step
@@ -127,6 +127,9 @@ def test_online_monitor_logs_knn_and_collapse_state(tmp_path, scenes, capsys):
     ck = r['run_dir'] / 'checkpoint_last.pth'
     assert r['val_knn'] == knn_checkpoint(ck, scenes / 'train', scenes / 'val', size=32)['acc']
     assert r['knn'] == knn_checkpoint(ck, scenes / 'train', scenes / 'test', size=32)['acc']
+    rnd = dict(size=32, backbone=cfg.backbone, backbone_kw=cfg.backbone_kw, seed=cfg.seed)   # one bank, two splits (knn_splits)
+    for split, folder in (('val_', 'val'), ('', 'test')):
+        assert r[f'random_{split}knn'] == knn_checkpoint(None, scenes / 'train', scenes / folder, **rnd)['acc']
     # monitor_every=0 turns it off
     r0 = train(_run_cfg(tmp_path, scenes, 'm0', epochs=1, max_iters=2, eval=False, monitor_every=0))
     assert read_metrics(r0['run_dir'], 'monitor') == []

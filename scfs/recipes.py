@@ -398,7 +398,7 @@ def readme_results(results_dir='nbs/results') -> str:
     """The generated part of the README's Results: every number in it comes from the JSON files in `results_dir`, and
     every run those tables read must pass `check_provenance` (a run filed under a recipe it did not run is refused)."""
     d = Path(results_dir)
-    runs = {f: check_provenance(load_results(d / f'{f}.json'), f'{f}.json') for f in ('main_job', 'recipes', 'room')}
+    runs = {f: check_provenance(load_results(d / f'{f}.json'), f'{f}.json') for f in ('main_job', 'recipes', 'room', 'room_screen')}
     rows, room = two_by_two_rows(runs['recipes']), room_rows(runs['room'])
     return '\n'.join([
         '**The main job** (`scfs pretrain`, tiny preset; from `nbs/results/main_job.json`):', '',
@@ -410,6 +410,9 @@ def readme_results(results_dir='nbs/results') -> str:
         'over random init (mean ± 95 % t-interval, runs) and the paired SCFS − DINO per objective; two objectives '
         'read, neither primary, so each verdict is Bonferroni-corrected over those with an interval (from `nbs/results/recipes.json`):',
         '', two_by_two_markdown(rows), '', '```', two_by_two_verdict(rows) or 'no paired runs yet', '```', '',
+        '**The room regime\'s budget screen** (`room_screen`: one seed per arm at the budget\'s epochs, read on val, '
+        'before any paired run; a departure from the official objective is named after `+` in the recipe; from '
+        '`nbs/results/room_screen.json`):', '', recipe_markdown(recipe_rows(runs['room_screen'])), '',
         '**The room regime** (`ROOM`: 64-px global views, search maps 16×16, 8×8, 4×4 at layers 2-4; shapes, kNN on '
         'test; the primary comparison, named before the runs, is SCFS − DINO under `tiny-official`\'s objective, the '
         'other rows are secondary, Bonferroni-corrected together; from `nbs/results/room.json`):', '',

@@ -18,9 +18,9 @@ from .augment import eval_transform, BatchMultiCrop
 from .backbone import build_backbone, MultiLayerBackbone, backbone_state_dict_for_export
 
 # %% auto #0
-__all__ = ['load_backbone', 'resolve_device', 'extract_features', 'knn_eval', 'knn_classify', 'linear_probe',
-           'supervised_ceiling', 'labelled_classes', 'check_knn_folders', 'labelled_features', 'knn_checkpoint',
-           'knn_splits', 'linear_checkpoint', 'KnnMonitor', 'export_backbone', 'add_cli']
+__all__ = ['load_backbone', 'resolve_device', 'extract_features', 'extract_features_many', 'knn_eval', 'knn_classify',
+           'linear_probe', 'supervised_ceiling', 'labelled_classes', 'check_knn_folders', 'labelled_features',
+           'knn_checkpoint', 'knn_backbones', 'linear_checkpoint', 'KnnMonitor', 'export_backbone', 'add_cli']
 
 # %% ../nbs/08_evaluate.ipynb #d1985506
 def _resolve_ckpt(checkpoint) -> Path:
@@ -71,18 +71,27 @@ def resolve_device(device: str = 'auto') -> torch.device:
 def extract_features(backbone: nn.Module, data, size: int = 224, batch_size: int = 256, device='cpu',
                      workers: int = 0) -> tuple:
     "(L2-normalised pooled features (N, C) float32 on CPU, labels (N,)) of a folder or dataset (items (img, label))."
+    out = extract_features_many({'': backbone}, data, size, batch_size, device, workers)
+    return out[''], out['labels']
+
+@torch.no_grad()
+def extract_features_many(backbones: dict, data, size: int = 224, batch_size: int = 256, device='cpu',
+                          workers: int = 0) -> dict:
+    """`extract_features` for several backbones {name: module} in one pass over `data` (each image decoded once):
+    {name: features (N, C), 'labels': labels (N,)}."""
     if isinstance(data, (str, Path)):
         data = ImageDataset(data, transform=eval_transform(size))
     device = resolve_device(device)
-    was_training = backbone.training
-    backbone.eval().to(device)
+    was_training = {n: b.training for n, b in backbones.items()}
+    for b in backbones.values(): b.eval().to(device)
     dl = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=workers)
-    feats, labels = [], []
+    feats, labels = {n: [] for n in backbones}, []
     for x, y in dl:
-        f = backbone(x.to(device))['pooled'].float()
-        feats.append(F.normalize(f, dim=1).cpu()); labels.append(torch.as_tensor(y))
-    backbone.train(was_training)
-    return torch.cat(feats), torch.cat(labels).long()
+        x = x.to(device)
+        for n, b in backbones.items(): feats[n].append(F.normalize(b(x)['pooled'].float(), dim=1).cpu())
+        labels.append(torch.as_tensor(y))
+    for n, b in backbones.items(): b.train(was_training[n])
+    return {**{n: torch.cat(f) for n, f in feats.items()}, 'labels': torch.cat(labels).long()}
 
 # %% ../nbs/08_evaluate.ipynb #b383cddd
 @torch.no_grad()
@@ -213,26 +222,30 @@ def knn_checkpoint(checkpoint, train, val, size: int | None = None, k: int = 20,
                    ks=(10, 20, 100, 200), which: str = 'teacher', device='cpu', batch_size: int = 256, workers: int = 0,
                    backbone: str = 'small', backbone_kw: dict | None = None, seed: int = 0) -> dict:
     "kNN accuracy of a checkpoint's backbone (or a random init if `checkpoint` is None): dict(acc (at k), accs, size, ...)."
-    return knn_splits(checkpoint, train, {'val': val}, size, k, T, ks, which, device, batch_size, workers, backbone,
-                      backbone_kw, seed)['val']
+    if checkpoint is None: torch.manual_seed(seed)
+    bb, info = load_backbone(checkpoint, which=which, backbone=backbone, backbone_kw=backbone_kw)
+    size = int(size or info.get('eval_size') or 224)
+    return knn_backbones({'': bb}, train, {'val': val}, size, k, T, ks, device, batch_size, workers)['']['val']
 
-def knn_splits(checkpoint, train, splits: dict, size: int | None = None, k: int = 20, T: float = 0.07,
-               ks=(10, 20, 100, 200), which: str = 'teacher', device='cpu', batch_size: int = 256, workers: int = 0,
-               backbone: str = 'small', backbone_kw: dict | None = None, seed: int = 0) -> dict:
-    """`knn_checkpoint` on several labelled folders, `splits` {name: folder}, with one backbone and one extraction of
-    the memory bank `train` (a run's final kNN on val and test). Returns {name: knn_checkpoint's dict}."""
-    (first, f0), *rest = splits.items()
-    trf, trl, tef, tel, size, info, bb = _features_for(checkpoint, train, f0, size, which, device, batch_size, workers,
-                                                       backbone, backbone_kw, seed)
-    feats = {first: (tef, tel)}
-    for name, f in rest:
-        if isinstance(f, (str, os.PathLike)): check_knn_folders(train, f)
-        feats[name] = extract_features(bb, f, size, batch_size, device, workers)
-        if (feats[name][1] < 0).any(): raise ScfsError(f'evaluation needs labelled images (one sub-folder per class): {f}')
-    out = {}
-    for name, (tef, tel) in feats.items():
-        accs = knn_eval(trf, trl, tef, tel, ks=tuple(ks) + (k,), T=T)
-        out[name] = dict(acc=accs[min(k, len(trf))], accs=accs, k=k, T=T, size=size, n_train=len(trf), n_val=len(tef))
+def knn_backbones(backbones: dict, train, splits: dict, size: int = 224, k: int = 20, T: float = 0.07,
+                  ks=(10, 20, 100, 200), device='cpu', batch_size: int = 256, workers: int = 0) -> dict:
+    """`knn_checkpoint` for several backbones {name: module} on several labelled folders or datasets `splits`
+    {split: data} against the memory bank `train`, each image decoded once for all backbones (a run's final kNN:
+    trained and random init, on val and test). Returns {backbone name: {split: dict(acc, accs, ...)}}."""
+    paths = [p for p in (train, *splits.values()) if isinstance(p, (str, os.PathLike))]
+    if paths and paths[0] is train: check_knn_folders(train, *paths[1:])           # before any feature
+    bank = extract_features_many(backbones, train, size, batch_size, device, workers)
+    feats = {s: extract_features_many(backbones, d, size, batch_size, device, workers) for s, d in splits.items()}
+    for d, f in ((train, bank), *((splits[s], feats[s]) for s in splits)):
+        if (f['labels'] < 0).any(): raise ScfsError(f'evaluation needs labelled images (one sub-folder per class): {d}')
+    if len(bank['labels'].unique()) < 2:
+        raise ScfsError(f"evaluation needs at least 2 classes in {train}, found {len(bank['labels'].unique())}")
+    out = {n: {} for n in backbones}
+    for n in backbones:
+        for s, f in feats.items():
+            accs = knn_eval(bank[n], bank['labels'], f[n], f['labels'], ks=tuple(ks) + (k,), T=T)
+            out[n][s] = dict(acc=accs[min(k, len(bank['labels']))], accs=accs, k=k, T=T, size=size,
+                             n_train=len(bank['labels']), n_val=len(f['labels']))
     return out
 
 def linear_checkpoint(checkpoint, train, val, size: int | None = None, epochs: int = 100, wd: float = 1e-4,

@@ -18,7 +18,7 @@ from .core import source_hash
 from .augment import BatchMultiCrop
 from .config import Config, get_config, config_from_dict, config_diff, same_setting, validate_config, _NAMES
 from .model import build_model, cosine_schedule
-from .evaluate import knn_splits, KnnMonitor
+from .evaluate import knn_backbones, load_backbone, KnnMonitor
 from .losses import collapse_state
 from .distributed import init_distributed, cleanup_distributed, all_reduce_mean, is_main, barrier, batch_sizes, guard_first_step
 from .loader import ResumableSampler, SeededDataset, MemoryLoader, resolve_data, views_for, build_loader, check_data
@@ -376,15 +376,16 @@ def final_knn(run: TrainingRun) -> dict:
         print(f'no labelled train/test folders next to {cfg.data}: skipping the kNN (set knn_train=DIR knn_val=DIR)')
         return {}
     ev = dict(size=cfg.eval_size, k=cfg.knn_k, T=cfg.knn_T, device=run.device, workers=cfg.workers)
-    rnd = dict(backbone=cfg.backbone, backbone_kw=cfg.backbone_kw, seed=cfg.seed)
     res = dict(knn_all=None, random_knn=None, val_knn=None, random_val_knn=None)
     splits = {split: folder for split, folder in (('val_', run.val_dir), ('', kva)) if folder is not None}
-    trained = knn_splits(run.ck_path, ktr, splits, **ev)            # the memory bank extracted once per backbone
-    random = knn_splits(None, ktr, splits, **rnd, **ev) if cfg.eval_random else {}
+    bbs = {'trained': load_backbone(run.ck_path, which='teacher')[0]}
+    if cfg.eval_random:                                   # as knn_checkpoint(None, ...) builds it: seeded, then built
+        torch.manual_seed(cfg.seed); bbs['random'] = load_backbone(None, backbone=cfg.backbone, backbone_kw=cfg.backbone_kw)[0]
+    acc = knn_backbones(bbs, ktr, splits, **ev)           # every image decoded once, for both backbones
     for split, folder in splits.items():
-        res[f'{split}knn'] = trained[split]['acc']
-        if not split: res['knn_all'] = trained[split]['accs']
-        if cfg.eval_random: res[f'random_{split}knn'] = random[split]['acc']
+        res[f'{split}knn'] = acc['trained'][split]['acc']
+        if not split: res['knn_all'] = acc['trained'][split]['accs']
+        if cfg.eval_random: res[f'random_{split}knn'] = acc['random'][split]['acc']
         print(f"kNN top-1 on {folder} (k={cfg.knn_k}, T={cfg.knn_T}): trained teacher {res[f'{split}knn']:.2f}%"
               + (f" | random-init backbone {res[f'random_{split}knn']:.2f}%" if cfg.eval_random else ''))
     return res

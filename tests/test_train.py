@@ -127,7 +127,7 @@ def test_online_monitor_logs_knn_and_collapse_state(tmp_path, scenes, capsys):
     ck = r['run_dir'] / 'checkpoint_last.pth'
     assert r['val_knn'] == knn_checkpoint(ck, scenes / 'train', scenes / 'val', size=32)['acc']
     assert r['knn'] == knn_checkpoint(ck, scenes / 'train', scenes / 'test', size=32)['acc']
-    rnd = dict(size=32, backbone=cfg.backbone, backbone_kw=cfg.backbone_kw, seed=cfg.seed)   # one bank, two splits (knn_splits)
+    rnd = dict(size=32, backbone=cfg.backbone, backbone_kw=cfg.backbone_kw, seed=cfg.seed)   # one pass per folder for both backbones (knn_backbones)
     for split, folder in (('val_', 'val'), ('', 'test')):
         assert r[f'random_{split}knn'] == knn_checkpoint(None, scenes / 'train', scenes / folder, **rnd)['acc']
     # monitor_every=0 turns it off

@@ -285,15 +285,14 @@ ROOM_PAIRS = {'official': ('room-official-dino', 'room-official'), 'tiny': ('roo
 # named before the runs: SCFS − DINO under `tiny-official`'s objective in the room regime, paired by seed, on test;
 # every other row of `ROOM_PAIRS` is secondary (Bonferroni over those read)
 ROOM_PRIMARY = 'official'
-# departures from `tiny-official`'s objective that every `official` row carries: none, unless the screen on val shows
-# the official objective cannot reach random init + 10 within the budget (then the fewest that make both arms learn)
-ROOM_DEPARTURES: dict = {}
+ROOM_DEPARTURES: dict = {}   # overrides of tiny-official's objective in every `official` job: the screen's choice
 
 def room_jobs(epochs: int = ROOM_EPOCHS, primary_seeds=range(8), secondary_seeds=range(3), level_seeds=range(4),
               departures: dict | None = None) -> list:
     """(name, preset, overrides, seed) of the room study in the order it runs: the primary comparison seed by seed,
     then `tiny`'s objective, then the crop-scale levels; each DINO job next to its SCFS twin (with two shards one
-    runs every DINO job, the other the twins, so pairs finish together). `departures` (default `ROOM_DEPARTURES`) go into every `official` job."""
+    runs every DINO job, the other the twins, so pairs finish together); `departures` (default `ROOM_DEPARTURES`)
+    go into every `official` job."""
     dep = ROOM_DEPARTURES if departures is None else departures
     spec = [('official', 'tiny-official', dict(dep), primary_seeds), ('tiny', 'tiny', {}, secondary_seeds)] + \
            [(f'official@{l}', 'tiny-official', dict(dep, local_scale=sc), level_seeds) for l, sc in ROOM_LEVELS.items()]
@@ -310,8 +309,7 @@ def run_room(jobs, shard=(0, 1), path=ROOM_RESULTS, auroc: int = 64, **kw):
 def room_screen(epochs: int = ROOM_EPOCHS, seed: int = 0, preset: str = 'tiny-official', methods=('dino', 'scfs'),
                 path=ROOM_SCREEN, departures: dict | None = None, tag: str = '', **kw):
     """The budget screen, on val only: one seed of each arm of `preset` in the room regime at `epochs`, into `path`
-    (minutes per run and val gain, `recipe_rows`), to choose the epochs before the paired runs start; `departures`
-    (overrides of the objective, named `tag` in the run's name) screen a departure from `preset`."""
+    (`recipe_rows`), before the paired runs; `departures`: overrides of the objective, `tag` their name in the run's."""
     for m in methods:
         run_recipe(f"screen-{preset}{'+' + tag if tag else ''}-e{epochs}-{m}", dict(ROOM, **(departures or {}), epochs=epochs,
                    method=m), seed, 'shapes', path=path, preset=preset, **kw)

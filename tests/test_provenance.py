@@ -51,7 +51,7 @@ def test_recorded_runs_are_held_to_their_preset_and_changes():
 
 
 def test_readme_results_refuses_a_mismatched_row_and_renders_a_matching_one(tmp_path):
-    assert R.readme_results(tmp_path).count('| *no stored runs yet* |') == 5          # no file at all: every table says so
+    assert R.readme_results(tmp_path).count('| *no stored runs yet* |') == 6          # no file at all: every table says so
     good = [made_up(n, s, p, ov, gain=g + s) for n, p, ov, g in (('tiny-official', 'tiny-official', None, 20.0),
             ('tiny-official-dino', 'tiny-official', dict(method='dino'), 18.0)) for s in (0, 1, 2)]
     _locked_update(tmp_path / 'recipes.json', lambda d: d['runs'].extend(good))
@@ -60,6 +60,15 @@ def test_readme_results_refuses_a_mismatched_row_and_renders_a_matching_one(tmp_
     _locked_update(tmp_path / 'recipes.json', lambda d: d['runs'].append(made_up(seed=3, layer_weights=[0.03] * 3)))
     with pytest.raises(ScfsError, match=r"run 'tiny-official' \[shapes\] seed 3 .* it ran with layer_weights=\[0.03, 0.03, 0.03\], "
                                         r"the recipe gives None"):
+        R.readme_results(tmp_path)
+
+
+def test_readme_results_checks_the_room_screen_too(tmp_path):
+    ov = dict(R.ROOM, epochs=12, method='dino')
+    _locked_update(tmp_path / 'room_screen.json', lambda d: d['runs'].append(made_up('screen-x', 0, 'tiny-official', ov)))
+    assert '| screen-x | `tiny-official`, global_size=64' in R.readme_results(tmp_path)
+    _locked_update(tmp_path / 'room_screen.json', lambda d: d['runs'].append(made_up('screen-y', 0, 'tiny-official', ov, epochs=3)))
+    with pytest.raises(ScfsError, match=r"room_screen.json: run 'screen-y' \[shapes\] seed 0 .* it ran with epochs=3"):
         R.readme_results(tmp_path)
 
 

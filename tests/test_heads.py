@@ -129,7 +129,12 @@ def test_model_loss_equals_plain_teacher_head_on_searched():
     m = SCFS('small', n_local=2, out_dim=64, head_hidden=32, layer_out_dim=16, epochs=2, loc_weight=0.0)
     crops = [torch.randn(3, 3, 32, 32), torch.randn(3, 3, 32, 32), torch.randn(3, 3, 16, 16), torch.randn(3, 3, 16, 16)]
     ref_m = copy.deepcopy(m)
-    for th in ref_m.teacher['layer_heads'].values():   # the plain formula: the head's NCHW block on S itself
-        th.forward_searched = (lambda th: lambda keys, maps, searched, views=1: th.embed(_block_nchw(th, searched)))(th)
+    def plain(th):                                     # the plain formula: S = A * F built here, the head's NCHW block on it
+        def f(keys, maps, searched=None, views=1):
+            (VB, C, H, W), n = keys.shape, maps.shape[0] // keys.shape[0]
+            S = (maps.view(views, n, VB // views, 1, H, W) * keys.view(views, 1, VB // views, C, H, W)).reshape(-1, C, H, W)
+            return th.embed(_block_nchw(th, S))
+        return f
+    for th in ref_m.teacher['layer_heads'].values(): th.forward_searched = plain(th)
     out, ref = m(crops, epoch=1), ref_m(crops, epoch=1)
     for k in ('loss', 'layer2', 'layer3', 'layer4'): torch.testing.assert_close(out[k], ref[k], atol=1e-5, rtol=1e-5)

@@ -204,17 +204,22 @@ def labelled_features(backbone, train, val, size: int = 224, batch_size: int = 2
     "(train features, labels, val features, labels) of two labelled folders or datasets: the input of every probe."
     trf, trl = extract_features(backbone, train, size, batch_size, device, workers)
     tef, tel = extract_features(backbone, val, size, batch_size, device, workers)
-    for p, l in ((train, trl), (val, tel)):
-        if (l < 0).any(): raise ScfsError(f'evaluation needs labelled images (one sub-folder per class): {p}')
-    if len(trl.unique()) < 2: raise ScfsError(f'evaluation needs at least 2 classes in {train}, found {len(trl.unique())}')
+    _check_labels(train, trl, val, tel)
     return trf, trl, tef, tel
+
+def _check_labels(train, train_labels, *others):
+    "Refuse unlabelled images (label -1) in `train` or in `others` (data, labels, ...), and a bank of fewer than 2 classes."
+    for p, l in ((train, train_labels), *zip(others[::2], others[1::2])):
+        if (l < 0).any(): raise ScfsError(f'evaluation needs labelled images (one sub-folder per class): {p}')
+    n = len(train_labels.unique())
+    if n < 2: raise ScfsError(f'evaluation needs at least 2 classes in {train}, found {n}')
 
 def _features_for(checkpoint, train, val, size, which, device, batch_size, workers, backbone, backbone_kw, seed):
     if checkpoint is None: torch.manual_seed(seed)
     bb, info = load_backbone(checkpoint, which=which, backbone=backbone, backbone_kw=backbone_kw)
     if all(isinstance(p, (str, os.PathLike)) for p in (train, val)): check_knn_folders(train, val)   # before any feature
     size = int(size or info.get('eval_size') or 224)
-    return (*labelled_features(bb, train, val, size, batch_size, device, workers), size, info, bb)
+    return (*labelled_features(bb, train, val, size, batch_size, device, workers), size, info)
 
 
 # %% ../nbs/08_evaluate.ipynb #9de11607
@@ -236,10 +241,7 @@ def knn_backbones(backbones: dict, train, splits: dict, size: int = 224, k: int 
     if paths and paths[0] is train: check_knn_folders(train, *paths[1:])           # before any feature
     bank = extract_features_many(backbones, train, size, batch_size, device, workers)
     feats = {s: extract_features_many(backbones, d, size, batch_size, device, workers) for s, d in splits.items()}
-    for d, f in ((train, bank), *((splits[s], feats[s]) for s in splits)):
-        if (f['labels'] < 0).any(): raise ScfsError(f'evaluation needs labelled images (one sub-folder per class): {d}')
-    if len(bank['labels'].unique()) < 2:
-        raise ScfsError(f"evaluation needs at least 2 classes in {train}, found {len(bank['labels'].unique())}")
+    _check_labels(train, bank['labels'], *(x for s, d in splits.items() for x in (d, feats[s]['labels'])))
     out = {n: {} for n in backbones}
     for n in backbones:
         for s, f in feats.items():
@@ -252,8 +254,8 @@ def linear_checkpoint(checkpoint, train, val, size: int | None = None, epochs: i
                       which: str = 'teacher', device='cpu', batch_size: int = 256, workers: int = 0,
                       backbone: str = 'small', backbone_kw: dict | None = None, seed: int = 0) -> dict:
     "Linear-probe accuracy of a checkpoint's backbone (or a random init): dict(acc, size, ...)."
-    trf, trl, tef, tel, size, info, _ = _features_for(checkpoint, train, val, size, which, device, batch_size, workers,
-                                                      backbone, backbone_kw, seed)
+    trf, trl, tef, tel, size, info = _features_for(checkpoint, train, val, size, which, device, batch_size, workers,
+                                                   backbone, backbone_kw, seed)
     return dict(acc=linear_probe(trf, trl, tef, tel, epochs=epochs, wd=wd, seed=seed), size=size,
                 n_train=len(trf), n_val=len(tef))
 

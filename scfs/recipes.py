@@ -290,14 +290,14 @@ ROOM_DEPARTURES: dict = {}   # overrides of tiny-official's objective in every `
 def room_jobs(epochs: int = ROOM_EPOCHS, primary_seeds=range(8), secondary_seeds=range(3), level_seeds=range(4),
               departures: dict | None = None) -> list:
     """(name, preset, overrides, seed) of the room study in the order it runs: the primary comparison seed by seed,
-    then `tiny`'s objective, then the crop-scale levels; each DINO job next to its SCFS twin (with two shards one
-    runs every DINO job, the other the twins, so pairs finish together); `departures` (default `ROOM_DEPARTURES`)
-    go into every `official` job."""
+    then `tiny`'s objective, then the crop-scale levels; each job next to its twin, DINO first in even pairs, SCFS
+    in odd ones (two shards each run both arms in turn, so pairs finish together); `departures` (default
+    `ROOM_DEPARTURES`) go into every `official` job."""
     dep = ROOM_DEPARTURES if departures is None else departures
     spec = [('official', 'tiny-official', dict(dep), primary_seeds), ('tiny', 'tiny', {}, secondary_seeds)] + \
            [(f'official@{l}', 'tiny-official', dict(dep, local_scale=sc), level_seeds) for l, sc in ROOM_LEVELS.items()]
-    return [(n, preset, dict(ROOM, epochs=epochs, **x, method=m), s) for label, preset, x, seeds in spec
-            for s in seeds for m, n in zip(('dino', 'scfs'), ROOM_PAIRS[label])]
+    pairs = [[(n, preset, dict(ROOM, epochs=epochs, **x, method=m), s) for m, n in zip(('dino', 'scfs'), ROOM_PAIRS[label])]
+             for label, preset, x, seeds in spec for s in seeds]; return [j for i, p in enumerate(pairs) for j in (p[::-1] if i % 2 else p)]
 
 def run_room(jobs, shard=(0, 1), path=ROOM_RESULTS, auroc: int = 64, **kw):
     """Run (resumable) every `shard[1]`-th job of `jobs` from the `shard[0]`-th on the shapes (`run_recipe`): kNN on

@@ -40,8 +40,7 @@ def _probe_pair(run_dir, cfg, split: str, probe: str = 'knn') -> tuple:
     kNN cannot find it -- from features that do not hold it at all)."""
     from scfs.evaluate import knn_checkpoint, linear_checkpoint
     fn, kw = (knn_checkpoint, dict(k=cfg.knn_k, T=cfg.knn_T)) if probe == 'knn' else (linear_checkpoint, {})
-    data = Path(cfg.data)
-    folders, kw = (data / 'train', data / split), dict(kw, size=cfg.eval_size)
+    folders, kw = (Path(cfg.data) / 'train', Path(cfg.data) / split), dict(kw, size=cfg.eval_size)
     trained = fn(Path(run_dir) / 'checkpoint_last.pth', *folders, **kw)['acc']
     rnd = fn(None, *folders, backbone=cfg.backbone, backbone_kw=cfg.backbone_kw, seed=cfg.seed, **kw)['acc']
     return trained, rnd
@@ -70,10 +69,8 @@ def run_recipe(name: str, overrides: dict, seed: int, bench: str = 'shapes', *, 
     `linear=True`: also the linear-probe accuracy on val of both backbones (`val_linear`, `random_val_linear`).
     Every record carries its provenance: `config` (every `Config` field as it ran) and `source_hash` (`scfs.core`)."""
     from scfs.config import get_config
-    from scfs.runfiles import read_metrics
-    from scfs.train import train
-    key = (name, bench, seed)
-    if any((r['name'], r['bench'], r['seed']) == key for r in load_results(path)): return {}
+    from scfs.runfiles import read_metrics; from scfs.train import train
+    if any((r['name'], r['bench'], r['seed']) == (name, bench, seed) for r in load_results(path)): return {}
     run_dir = Path(out_root) / f'{name}-{bench}-s{seed}'
     if bench in BENCH_SCENES:
         from scfs.data import ensure_scenes
@@ -83,8 +80,7 @@ def run_recipe(name: str, overrides: dict, seed: int, bench: str = 'shapes', *, 
     t0 = time.time(); res = train(cfg); minutes = (time.time() - t0) / 60
     val, rnd = _probe_pair(run_dir, cfg, 'val')
     if test: tst, rnd_t = _probe_pair(run_dir, cfg, 'test')
-    mon = [(m['step'], m['knn']) for m in read_metrics(run_dir, 'monitor')]
-    eps = read_metrics(run_dir, 'epoch')
+    mon, eps = [(m['step'], m['knn']) for m in read_metrics(run_dir, 'monitor')], read_metrics(run_dir, 'epoch')
     r = dict(name=name, bench=bench, seed=seed, preset=preset, overrides=overrides, method=cfg.method, val_knn=val, random_val_knn=rnd,
              gain=val - rnd, minutes=minutes, steps=len(read_metrics(run_dir, 'step')), monitor=mon,
              state=eps[-1].get('state') if eps else None, date=time.strftime('%Y-%m-%d'), threads=threads,
@@ -212,7 +208,7 @@ def paired_rows(results, pairs: dict, split: str = 'val', bench: str = 'shapes')
     """One row per `label: (DINO recipe, SCFS recipe)` of `pairs`: the kNN gain over random init on `split` of each
     arm (`dino`, `scfs`: mean, 95 % half-width, n), the seeds both arms have and the paired SCFS − DINO differences
     of the gain over them (`diffs`, `diff`: both arms of a seed share its random init, so it is the kNN difference
-    too), and per arm the on-object AUROC per layer (`auroc`, `_auroc_stats`)."""
+    too), per arm the on-object AUROC per layer (`auroc`, `_auroc_stats`) and its first run's (preset, overrides) (`ran`)."""
     by = {(r['name'], r['seed']): r for r in results if r.get('bench', bench) == bench and f'{split}_knn' in r}
     rows = []
     for label, (d, s) in pairs.items():
@@ -221,7 +217,8 @@ def paired_rows(results, pairs: dict, split: str = 'val', bench: str = 'shapes')
         diffs = [_gain(by[(s, sd)], split) - _gain(by[(d, sd)], split) for sd in seeds]
         rows.append(dict(label=label, names=(d, s), split=split, pairs=len(seeds), seeds=seeds, diffs=diffs,
                          diff=ci95(diffs), **{m: ci95([_gain(r, split) for r in rs]) for m, rs in arms.items()},
-                         auroc={m: _auroc_stats(rs) for m, rs in arms.items()}))
+                         auroc={m: _auroc_stats(rs) for m, rs in arms.items()},
+                         ran={m: (rs[0].get('preset', '?'), rs[0].get('overrides', {})) for m, rs in arms.items() if rs}))
     return rows
 
 def paired_markdown(rows, first: str = 'comparison', extra: dict | None = None, primary=None) -> str:
@@ -320,9 +317,11 @@ def room_rows(results, split: str = 'test') -> list[dict]:
     return paired_rows(results, ROOM_PAIRS, split)
 
 def room_markdown(rows) -> str:
-    "The room table: primary row first, then the secondary ones, with each row's local-crop area."
+    "The room table (primary row first), each row with its local-crop area and, from its runs, preset + overrides beyond `ROOM`."
     area = lambda r: '-'.join(map(str, ROOM_LEVELS.get(r['label'].partition('@')[2], (0.1, 0.4))))
-    return paired_markdown(rows, 'comparison', {'local crop area': area}, primary=ROOM_PRIMARY)
+    obj = lambda p, ov: ' + '.join([f'`{p}`'] + [f'`{k}={v}`' for k, v in ov.items() if k not in (*ROOM, 'epochs', 'method', 'local_scale')])
+    ran = lambda r: ' / '.join(dict.fromkeys(obj(*r['ran'][m]) for m in r['ran'])) or '—'   # two entries only if the arms differ
+    return paired_markdown(rows, 'comparison', {'local crop area': area, 'objective (both arms)': ran}, primary=ROOM_PRIMARY)
 
 def room_verdict(rows) -> str:
     "`paired_verdict` with `ROOM_PRIMARY` as the primary comparison, the rest secondary (Bonferroni over those read)."
@@ -412,7 +411,8 @@ def readme_results(results_dir='nbs/results') -> str:
         'before any paired run; a departure from the official objective is named after `+` in the recipe; from '
         '`nbs/results/room_screen.json`):', '', recipe_markdown(recipe_rows(runs['room_screen'])), '',
         '**The room regime** (`ROOM`: 64-px global views, search maps 16×16, 8×8, 4×4 at layers 2-4; shapes, kNN on '
-        'test; the primary comparison, named before the runs, is SCFS − DINO under `tiny-official`\'s objective, the '
+        'test; the primary comparison, named before the runs, is SCFS − DINO under `tiny-official`\'s objective with the '
+        'departures the screen chose (the last column names every override each row ran with), the '
         'other rows are secondary, Bonferroni-corrected together; from `nbs/results/room.json`):', '',
         room_markdown(room), '', '```', room_verdict(room), '```', '',
         'On-object AUROC of the teacher\'s search maps per layer (64 val scenes per run), against the box-swap null '

@@ -273,7 +273,7 @@ def two_by_two_verdict(rows) -> str:
     return paired_verdict(rows)
 
 # %% ../nbs/12a_recipes.ipynb #9b00020c
-ROOM_EPOCHS = 12     # the room regime's budget: start of the screen (`room_screen`); a run must take <= 15 min on 2 cores
+ROOM_EPOCHS = 24     # the room regime's budget, chosen by the screen (`room_screen`): about 15 min a run, two side by side
 from .config import ROOM   # the room regime's override set, defined once (the cell below asserts its map sizes)
 ROOM_RESULTS, ROOM_SCREEN = 'nbs/results/room.json', 'nbs/results/room_screen.json'
 ROOM_LEVELS = {'ls0.03': (0.03, 0.12), 'ls0.008': (0.008, 0.03)}      # local-crop areas besides the presets' 0.1-0.4
@@ -282,7 +282,7 @@ ROOM_PAIRS = {'official': ('room-official-dino', 'room-official'), 'tiny': ('roo
 # named before the runs: SCFS − DINO under `tiny-official`'s objective in the room regime, paired by seed, on test;
 # every other row of `ROOM_PAIRS` is secondary (Bonferroni over those read)
 ROOM_PRIMARY = 'official'
-ROOM_DEPARTURES: dict = {}   # overrides of tiny-official's objective in every `official` job: the screen's choice
+ROOM_DEPARTURES: dict = dict(koleo_weight=0.1, layer_weights=(0.1, 0.1, 0.1))   # in every `official` job: the screen's choice
 
 def room_jobs(epochs: int = ROOM_EPOCHS, primary_seeds=range(8), secondary_seeds=range(3), level_seeds=range(4),
               departures: dict | None = None) -> list:

@@ -41,9 +41,8 @@ def _probe_pair(run_dir, cfg, split: str, probe: str = 'knn') -> tuple:
     from scfs.evaluate import knn_checkpoint, linear_checkpoint
     fn, kw = (knn_checkpoint, dict(k=cfg.knn_k, T=cfg.knn_T)) if probe == 'knn' else (linear_checkpoint, {})
     folders, kw = (Path(cfg.data) / 'train', Path(cfg.data) / split), dict(kw, size=cfg.eval_size)
-    trained = fn(Path(run_dir) / 'checkpoint_last.pth', *folders, **kw)['acc']
-    rnd = fn(None, *folders, backbone=cfg.backbone, backbone_kw=cfg.backbone_kw, seed=cfg.seed, **kw)['acc']
-    return trained, rnd
+    return (fn(Path(run_dir) / 'checkpoint_last.pth', *folders, **kw)['acc'],                # trained, random init
+            fn(None, *folders, backbone=cfg.backbone, backbone_kw=cfg.backbone_kw, seed=cfg.seed, **kw)['acc'])
 
 def _recipe_auroc(run_dir, cfg, n: int) -> dict:
     """On-object AUROC per layer of a recipe run's teacher search maps on `n` val scenes, and its box-swap null: the
@@ -317,9 +316,11 @@ def room_rows(results, split: str = 'test') -> list[dict]:
     return paired_rows(results, ROOM_PAIRS, split)
 
 def room_markdown(rows) -> str:
-    "The room table (primary row first), each row with its local-crop area and, from its runs, preset + overrides beyond `ROOM`."
+    "The room table (primary row first): each row's local-crop area and, from its runs, preset + overrides beyond `ROOM` (SCFS-only ones marked)."
+    from scfs.model import _OBJECTIVE, _SIZES, SCFS_ONLY
     area = lambda r: '-'.join(map(str, ROOM_LEVELS.get(r['label'].partition('@')[2], (0.1, 0.4))))
-    obj = lambda p, ov: ' + '.join([f'`{p}`'] + [f'`{k}={v}`' for k, v in ov.items() if k not in (*ROOM, 'epochs', 'method', 'local_scale')])
+    tag = lambda k: ' (SCFS arm only)' if {**_SIZES, **_OBJECTIVE}.get(k, ('',))[0] == SCFS_ONLY else ''
+    obj = lambda p, ov: ' + '.join([f'`{p}`'] + [f'`{k}={v}`{tag(k)}' for k, v in ov.items() if k not in (*ROOM, 'epochs', 'method', 'local_scale')])
     ran = lambda r: ' / '.join(dict.fromkeys(obj(*r['ran'][m]) for m in r['ran'])) or '—'   # two entries only if the arms differ
     return paired_markdown(rows, 'comparison', {'local crop area': area, 'objective (both arms)': ran}, primary=ROOM_PRIMARY)
 
@@ -384,8 +385,7 @@ def main_job_markdown(path=MAIN_JOB) -> str:
 def _wall(r) -> str:
     "A main-job record's wall time as the table prints it: not timed when the run was resumed, with its note if any."
     wall = r.get('wall_s') or (None if (r.get('config') or {}).get('resume') else r.get('time'))
-    if wall is None: return 'not timed (resumed run)'
-    return f"{int(wall // 60)} min {int(wall % 60):02d} s" + (f" ({r['wall_note']})" if r.get('wall_note') else '')
+    return 'not timed (resumed run)' if wall is None else f"{int(wall // 60)} min {int(wall % 60):02d} s" + (f" ({r['wall_note']})" if r.get('wall_note') else '')
 
 
 # %% ../nbs/12a_recipes.ipynb #e1f2a3b4

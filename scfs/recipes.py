@@ -283,7 +283,7 @@ ROOM_PAIRS = {'official': ('room-official-dino', 'room-official'), 'tiny': ('roo
 ROOM_PRIMARY = 'official'
 ROOM_DEPARTURES: dict = dict(koleo_weight=0.1, layer_weights=(0.1, 0.1, 0.1))   # in every `official` job: the screen's choice
 
-def room_jobs(epochs: int = ROOM_EPOCHS, primary_seeds=range(8), secondary_seeds=range(3), level_seeds=range(4),
+def room_jobs(epochs: int = ROOM_EPOCHS, primary_seeds=range(10), secondary_seeds=range(3), level_seeds=range(4),
               departures: dict | None = None) -> list:
     """(name, preset, overrides, seed) of the room study in the order it runs: the primary comparison seed by seed,
     then `tiny`'s objective, then the crop-scale levels; each job next to its twin, DINO first in even pairs, SCFS
